@@ -1,0 +1,234 @@
+"""The `datagen` command line: thin wrappers that parse, build a config and call the library.
+
+Heavy libraries (torch, diffusers, ...) are never imported here, so `datagen filter` starts fast.
+"""
+
+from __future__ import annotations
+
+import json
+import sys
+from contextlib import contextmanager
+from pathlib import Path
+
+import typer
+from rich.console import Console
+from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, TimeElapsedColumn
+from rich.table import Table
+
+from datagen import __version__
+
+app = typer.Typer(
+    name="datagen",
+    help="Paired video stylization training data: build, inspect, validate and filter shards.",
+    no_args_is_help=True,
+    add_completion=False,
+    pretty_exceptions_enable=False,
+)
+out = Console()
+err = Console(stderr=True)
+
+
+def _fail(message: str, code: int = 1) -> None:
+    err.print(f"[bold red]error:[/] {message}", highlight=False)
+    raise typer.Exit(code)
+
+
+@contextmanager
+def _user_errors():
+    """Turn the library's expected errors into one clear line and a non-zero exit."""
+    from datagen.filtering import FilterError
+    from datagen.schema import SchemaError
+    from datagen.store import DatasetError
+
+    try:
+        yield
+    except (FilterError, SchemaError, DatasetError, OSError) as error:
+        _fail(str(error))
+
+
+@contextmanager
+def _progress(label: str):
+    """A progress bar on a terminal (stderr); silent when piped or in CI logs."""
+    progress = Progress(
+        TextColumn(label),
+        BarColumn(),
+        MofNCompleteColumn(),
+        TimeElapsedColumn(),
+        console=err,
+        disable=not err.is_terminal,
+        transient=True,
+    )
+    task = progress.add_task(label, total=None)
+    with progress:
+        yield (
+            lambda total: progress.update(task, total=total),
+            lambda n: progress.advance(task, n),
+        )
+
+
+def _version_callback(value: bool) -> None:
+    if value:
+        out.print(f"datagen {__version__}")
+        raise typer.Exit()
+
+
+@app.callback()
+def main(
+    version: bool = typer.Option(
+        False,
+        "--version",
+        callback=_version_callback,
+        is_eager=True,
+        help="Print the version and exit.",
+    ),
+) -> None:
+    """datagen command line."""
+
+
+@app.command("filter")
+def filter_command(
+    in_dir: Path = typer.Argument(..., metavar="IN", help="Dataset directory to read."),
+    out_dir: Path | None = typer.Argument(
+        None, metavar="OUT", help="New dataset directory (not needed with --dry-run)."
+    ),
+    csd: float | None = typer.Option(
+        None, "--csd", min=-1.0, max=1.0, help="Keep rows with csd_score > CSD."
+    ),
+    dino: float | None = typer.Option(
+        None, "--dino", min=-1.0, max=1.0, help="Keep rows with dino_score > DINO."
+    ),
+    vlm_pass: bool = typer.Option(False, "--vlm-pass", help="Keep rows whose VLM judge passed."),
+    dry_run: bool = typer.Option(
+        False, "--dry-run", help="Only count, from the index; write nothing."
+    ),
+    rejects: bool = typer.Option(
+        False, "--rejects", help="Also write the dropped rows, in full, to OUT/_dropped."
+    ),
+    overwrite: bool = typer.Option(False, "--overwrite", help="Replace a non-empty OUT."),
+    as_json: bool = typer.Option(False, "--json", help="Print the result as JSON."),
+) -> None:
+    """Keep the rows of IN that pass the thresholds and write them to OUT.
+
+    Rows whose needed score is null are counted as missing and dropped. IN is never modified;
+    OUT appears only when complete, with its own index and rejects (IN's rejects plus the
+    filter's drops, with reasons).
+    """
+    from datagen.filtering import FilterCriteria, filter_dataset
+
+    with _user_errors():
+        criteria = FilterCriteria(csd=csd, dino=dino, vlm_pass=vlm_pass)
+        with _progress("copying rows") as (set_total, advance):
+            result = filter_dataset(
+                in_dir,
+                out_dir,
+                criteria,
+                dry_run=dry_run,
+                overwrite=overwrite,
+                write_dropped=rejects,
+                on_start=set_total,
+                on_rows=advance,
+            )
+    if as_json:
+        out.print_json(json.dumps(result.as_dict()))
+        return
+    out.print(
+        f"filter {result.criteria} over {result.total} rows{' (dry run)' if dry_run else ''}",
+        highlight=False,
+    )
+    out.print(
+        f"kept {result.kept}  dropped {result.dropped}  missing-score {result.missing}",
+        highlight=False,
+    )
+    for reason, count in sorted(result.reasons.items()):
+        out.print(f"  {reason}: {count}", highlight=False)
+    if result.out:
+        out.print(f"wrote {len(result.shards)} shard(s) to {result.out}", highlight=False)
+        if rejects:
+            out.print(
+                f"wrote {result.dropped_rows_written} dropped row(s) to "
+                f"{Path(result.out) / '_dropped'}",
+                highlight=False,
+            )
+
+
+@app.command("inspect")
+def inspect_command(
+    path: Path = typer.Argument(..., help="Dataset directory."),
+    as_json: bool = typer.Option(False, "--json", help="Print the summary as JSON."),
+) -> None:
+    """Print counts, score summaries and the schema version of a dataset."""
+    from datagen.summary import summarize
+
+    with _user_errors():
+        summary = summarize(path)
+    if as_json:
+        out.print_json(json.dumps(summary))
+        return
+    out.print(
+        f"[bold]{summary['path']}[/]: {summary['split']} dataset, "
+        f"schema {', '.join(summary['schema'])}",
+        highlight=False,
+    )
+    out.print(
+        f"{summary['rows']} rows ({summary['unique_sample_ids']} unique sample_ids) in "
+        f"{summary['shards']} shards, {summary['bytes'] / 2**20:.1f} MiB",
+        highlight=False,
+    )
+    scores = Table("score", "count", "missing", "min", "p10", "median", "mean", "p90", "max")
+    for column, s in summary["scores"].items():
+        cells = [
+            f"{s[k]:.3f}" if k in s else "-" for k in ("min", "p10", "median", "mean", "p90", "max")
+        ]
+        scores.add_row(column, str(s["count"]), str(s["missing"]), *cells)
+    out.print(scores)
+    for title in ("vlm_verdict", "review_status", "control_kinds", "styles"):
+        if title in summary and summary[title]:
+            counts = ", ".join(f"{k}: {v}" for k, v in list(summary[title].items())[:12])
+            out.print(f"{title}: {counts}", highlight=False)
+    rejects = summary["rejects"]
+    out.print(f"rejects: {rejects['count']}", highlight=False)
+    for key, count in rejects["by_stage_reason"].items():
+        out.print(f"  {key}: {count}", highlight=False)
+    if summary["leftover_temporaries"]:
+        out.print(
+            f"leftover temporaries of interrupted writers: "
+            f"{summary['leftover_temporaries']} (hidden, safe to delete)",
+            highlight=False,
+        )
+
+
+@app.command("validate")
+def validate_command(
+    path: Path = typer.Argument(..., help="Dataset directory."),
+    decode: bool = typer.Option(
+        True, "--decode/--no-decode", help="Decode every video (default) or only read headers."
+    ),
+    max_report: int = typer.Option(
+        50, "--max-report", min=1, help="Print at most this many violations."
+    ),
+) -> None:
+    """Check the schema and the pair invariants of every row; exit 1 on any violation."""
+    from datagen.validate import validate_dataset
+
+    with _user_errors(), _progress("validating rows") as (_, advance):
+        report = validate_dataset(path, decode_videos=decode, on_rows=advance)
+    for warning in report.warnings:
+        err.print(f"[yellow]warning:[/] {warning}", highlight=False)
+    for violation in report.violations[:max_report]:
+        out.print(str(violation), highlight=False)
+    if len(report.violations) > max_report:
+        out.print(f"... and {len(report.violations) - max_report} more", highlight=False)
+    verdict = "OK" if report.ok else f"{len(report.violations)} violation(s)"
+    out.print(
+        f"{report.path}: {report.rows} rows in {report.shards} shards: {verdict}", highlight=False
+    )
+    if not report.ok:
+        raise typer.Exit(1)
+
+
+def run() -> None:  # pragma: no cover - console entry point alias
+    app()
+
+
+if __name__ == "__main__":  # pragma: no cover
+    sys.exit(app())
