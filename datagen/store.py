@@ -402,9 +402,11 @@ def read_index(
     dataset_dir: str | os.PathLike,
     restrict_to: set[str] | None = None,
     rebuild_missing: bool = True,
+    columns: list[str] | None = None,
 ) -> pa.Table:
     """The index of every committed shard (or of `restrict_to`), reconciled with the shards
-    on disk: entries of uncommitted shards are dropped, unindexed shards are rebuilt."""
+    on disk: entries of uncommitted shards are dropped, unindexed shards are rebuilt.
+    `columns` reads only those index columns (in schema order)."""
     dataset_dir = Path(dataset_dir)
     present = set(list_shards(dataset_dir))
     if restrict_to is not None:
@@ -416,20 +418,26 @@ def read_index(
         candidates.append((file, _covered_shards(file, path)))
     # Compacted files first: they cover the most shards.
     candidates.sort(key=lambda item: -len(item[1]))
+    schema = table_schema(INDEX)
+    wanted = schema.names if columns is None else [c for c in schema.names if c in columns]
+    schema = pa.schema([schema.field(c) for c in wanted], metadata=schema.metadata)
     covered: set[str] = set()
     tables = []
     for file, covers in candidates:
         take = [s for s in covers if s in present and s not in covered]
         if not take:
             continue
-        table = file.read()
-        if len(take) != len(covers):
+        if len(take) == len(covers):
+            table = file.read(columns=wanted)
+        else:  # overlapping files after an interrupted compaction: keep the uncovered shards
+            table = file.read(columns=list({*wanted, "shard"}))
             table = table.filter(pc.is_in(table["shard"], pa.array(take, pa.string())))
-        tables.append(table)
+        tables.append(table.select(wanted))
         covered.update(take)
     if rebuild_missing:
-        tables += [rebuild_shard_index(dataset_dir, s) for s in sorted(present - covered)]
-    schema = table_schema(INDEX)
+        for shard in sorted(present - covered):
+            rebuilt = rebuild_shard_index(dataset_dir, shard)
+            tables.append(rebuilt.select(wanted))
     if not tables:
         return schema.empty_table()
     return pa.concat_tables([t.replace_schema_metadata(schema.metadata) for t in tables])
@@ -503,8 +511,8 @@ class Dataset:
     def schema(self) -> pa.Schema:
         return row_schema(self.split)
 
-    def index(self) -> pa.Table:
-        return read_index(self.path)
+    def index(self, columns: list[str] | None = None) -> pa.Table:
+        return read_index(self.path, columns=columns)
 
     def rejects(self) -> pa.Table:
         return read_rejects(self.path)

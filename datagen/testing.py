@@ -121,3 +121,91 @@ def make_row(
             "reviewed_at": None,
         }
     return row
+
+
+def synthetic_table(
+    start: int,
+    count: int,
+    *,
+    media_bytes: int = 50_000,
+    split: str = "ct",
+    seed: int = 0,
+):
+    """`count` rows numbered from `start` as one Arrow table, built column-wise (fast enough
+    for millions of rows): random incompressible media, seeded scores with ~3% nulls."""
+    import pyarrow as pa
+
+    from datagen.schema import row_schema
+
+    rng = np.random.default_rng(seed + start)
+    numbers = np.arange(start, start + count)
+
+    def blobs(size: int, per_row: int = 1) -> pa.Array:
+        total = count * per_row
+        data = pa.py_buffer(rng.bytes(size * total))
+        offsets = pa.py_buffer((np.arange(total + 1, dtype=np.int32) * size).tobytes())
+        return pa.Array.from_buffers(pa.binary(), total, [None, offsets, data])
+
+    def text(values) -> pa.Array:
+        return pa.array(list(values), pa.string())
+
+    def scores(low: float, high: float) -> pa.Array:
+        values = rng.uniform(low, high, count).astype(np.float32)
+        return pa.array(values, pa.float32(), mask=rng.random(count) < 0.03)
+
+    styles = np.array(STYLES)[numbers % len(STYLES)]
+    control = [hashlib.sha256(f"control-{n}".encode()).hexdigest() for n in numbers]
+    prompts = [f"a person walks through a park, clip {n}" for n in numbers]
+    ref_offsets = pa.array(np.arange(count + 1, dtype=np.int32) * 3)
+    models = make_row(0, media="random", media_bytes=10)["models"]
+    schema = row_schema(split)
+    columns = {
+        "sample_id": text(f"s{n:08d}" for n in numbers),
+        "split": text([split] * count),
+        "source_uri": text(f"file:///videos/source_{n // 4:06d}.mp4" for n in numbers),
+        "clip_start": pa.array((numbers % 4) * 81, pa.int32()),
+        "num_frames": pa.array(np.full(count, 81), pa.int32()),
+        "fps": pa.array(np.full(count, 16.0), pa.float32()),
+        "height": pa.array(np.full(count, 480), pa.int32()),
+        "width": pa.array(np.full(count, 832), pa.int32()),
+        "style_id": text(styles),
+        "style_prompt": text(f"{s.replace('_', ' ')} style" for s in styles),
+        "style_refs": pa.ListArray.from_arrays(ref_offsets, blobs(media_bytes // 10, 3)),
+        "raw_first_frame": blobs(media_bytes // 10),
+        "stylized_first_frame": blobs(media_bytes // 10),
+        "raw_video": blobs(media_bytes),
+        "stylized_video": blobs(media_bytes),
+        "control_kind": text(["depth"] * count),
+        "control_sha256": text(control),
+        "caption_ns": text(prompts),
+        "caption_sty": text(
+            f"{p}, in {s.replace('_', ' ')} style" for p, s in zip(prompts, styles, strict=True)
+        ),
+        "csd_score": scores(-0.2, 1.0),
+        "dino_score": scores(0.0, 1.0),
+        "vlm_verdict": pa.array(np.where(rng.random(count) < 0.8, "pass", "fail"), pa.string()),
+        "vlm_detail": pa.nulls(count, pa.string()),
+        "seed": pa.array(1000 + numbers, pa.int64()),
+        "models": pa.array([models], schema.field("models").type).take(np.zeros(count, int)),
+        "params": text(
+            json.dumps(
+                {
+                    "animate": {
+                        b: {"control_sha256": c, "seed": int(1000 + n), "prompt": p}
+                        for b in ("raw", "stylized")
+                    }
+                }
+            )
+            for n, c, p in zip(numbers, control, prompts, strict=True)
+        ),
+        "created_at": pa.array(
+            np.full(count, np.datetime64("2026-11-20T00:00:00", "us")), pa.timestamp("us", tz="UTC")
+        ),
+        "datagen_version": text([__version__] * count),
+    }
+    if split == "sft":
+        columns["review_status"] = text(["pending"] * count)
+        for name in ("review_reason", "review_note", "reviewer"):
+            columns[name] = pa.nulls(count, pa.string())
+        columns["reviewed_at"] = pa.nulls(count, pa.timestamp("us", tz="UTC"))
+    return pa.table(columns).cast(schema)
