@@ -13,7 +13,6 @@ from pathlib import Path
 import typer
 from rich.console import Console
 from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, TimeElapsedColumn
-from rich.table import Table
 
 from datagen import __version__
 
@@ -28,8 +27,13 @@ out = Console(soft_wrap=True)
 err = Console(stderr=True, soft_wrap=True)
 
 
+def say(text: str) -> None:
+    """Print data as it is: no rich markup (sample ids look like [tags]) or highlighting."""
+    out.print(text, markup=False, highlight=False)
+
+
 def _fail(message: str, code: int = 1) -> None:
-    err.print(f"[bold red]error:[/] {message}", highlight=False)
+    err.print(f"error: {message}", markup=False, highlight=False)
     raise typer.Exit(code)
 
 
@@ -131,23 +135,16 @@ def filter_command(
     if as_json:
         out.print_json(json.dumps(result.as_dict()))
         return
-    out.print(
-        f"filter {result.criteria} over {result.total} rows{' (dry run)' if dry_run else ''}",
-        highlight=False,
-    )
-    out.print(
-        f"kept {result.kept}  dropped {result.dropped}  missing-score {result.missing}",
-        highlight=False,
-    )
+    say(f"filter {result.criteria} over {result.total} rows{' (dry run)' if dry_run else ''}")
+    say(f"kept {result.kept}  dropped {result.dropped}  missing-score {result.missing}")
     for reason, count in sorted(result.reasons.items()):
-        out.print(f"  {reason}: {count}", highlight=False)
+        say(f"  {reason}: {count}")
     if result.out:
-        out.print(f"wrote {len(result.shards)} shard(s) to {result.out}", highlight=False)
+        say(f"wrote {len(result.shards)} shard(s) to {result.out}")
         if rejects:
-            out.print(
+            say(
                 f"wrote {result.dropped_rows_written} dropped row(s) to "
-                f"{Path(result.out) / '_dropped'}",
-                highlight=False,
+                f"{Path(result.out) / '_dropped'}"
             )
 
 
@@ -164,36 +161,28 @@ def inspect_command(
     if as_json:
         out.print_json(json.dumps(summary))
         return
-    out.print(
-        f"[bold]{summary['path']}[/]: {summary['split']} dataset, "
-        f"schema {', '.join(summary['schema'])}",
-        highlight=False,
-    )
-    out.print(
+    say(f"{summary['path']}: {summary['split']} dataset, schema {', '.join(summary['schema'])}")
+    say(
         f"{summary['rows']} rows ({summary['unique_sample_ids']} unique sample_ids) in "
-        f"{summary['shards']} shards, {summary['bytes'] / 2**20:.1f} MiB",
-        highlight=False,
+        f"{summary['shards']} shards, {summary['bytes'] / 2**20:.1f} MiB"
     )
-    scores = Table("score", "count", "missing", "min", "p10", "median", "mean", "p90", "max")
-    for column, s in summary["scores"].items():
-        cells = [
-            f"{s[k]:.3f}" if k in s else "-" for k in ("min", "p10", "median", "mean", "p90", "max")
-        ]
-        scores.add_row(column, str(s["count"]), str(s["missing"]), *cells)
-    out.print(scores)
+    columns = ("min", "p10", "median", "mean", "p90", "max")
+    say(f"{'score':<12}{'count':>8}{'missing':>9}" + "".join(f"{c:>8}" for c in columns))
+    for column, stats in summary["scores"].items():
+        cells = "".join(f"{stats[c]:>8.3f}" if c in stats else f"{'-':>8}" for c in columns)
+        say(f"{column:<12}{stats['count']:>8}{stats['missing']:>9}{cells}")
     for title in ("vlm_verdict", "review_status", "control_kinds", "styles"):
         if title in summary and summary[title]:
             counts = ", ".join(f"{k}: {v}" for k, v in list(summary[title].items())[:12])
-            out.print(f"{title}: {counts}", highlight=False)
+            say(f"{title}: {counts}")
     rejects = summary["rejects"]
-    out.print(f"rejects: {rejects['count']}", highlight=False)
+    say(f"rejects: {rejects['count']}")
     for key, count in rejects["by_stage_reason"].items():
-        out.print(f"  {key}: {count}", highlight=False)
+        say(f"  {key}: {count}")
     if summary["leftover_temporaries"]:
-        out.print(
+        say(
             f"leftover temporaries of interrupted writers: "
-            f"{summary['leftover_temporaries']} (hidden, safe to delete)",
-            highlight=False,
+            f"{summary['leftover_temporaries']} (hidden, safe to delete)"
         )
 
 
@@ -213,15 +202,13 @@ def validate_command(
     with _user_errors(), _progress("validating rows") as (_, advance):
         report = validate_dataset(path, decode_videos=decode, on_rows=advance)
     for warning in report.warnings:
-        err.print(f"[yellow]warning:[/] {warning}", highlight=False)
+        err.print(f"warning: {warning}", markup=False, highlight=False)
     for violation in report.violations[:max_report]:
-        out.print(str(violation), highlight=False)
+        say(str(violation))
     if len(report.violations) > max_report:
-        out.print(f"... and {len(report.violations) - max_report} more", highlight=False)
+        say(f"... and {len(report.violations) - max_report} more")
     verdict = "OK" if report.ok else f"{len(report.violations)} violation(s)"
-    out.print(
-        f"{report.path}: {report.rows} rows in {report.shards} shards: {verdict}", highlight=False
-    )
+    say(f"{report.path}: {report.rows} rows in {report.shards} shards: {verdict}")
     if not report.ok:
         raise typer.Exit(1)
 

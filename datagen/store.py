@@ -188,6 +188,13 @@ class ShardWriter:
         self.run_id = run_id or new_run_id()
         self.limits = limits or ShardLimits()
         self.dataset_dir.mkdir(parents=True, exist_ok=True)
+        existing = list_shards(self.dataset_dir)
+        if existing:  # appending (a resumed run): the dataset must hold the same split
+            present = Dataset(self.dataset_dir).split
+            if present != split:
+                raise DatasetError(
+                    f"{self.dataset_dir}: holds {present} rows; cannot add {split} rows"
+                )
         (self.dataset_dir / INDEX_DIR).mkdir(exist_ok=True)
         self._options = parquet_options(self.schema)
         self._shard_number = 0
@@ -388,7 +395,9 @@ def compact_index(
 
 def rebuild_shard_index(dataset_dir: Path, shard: str) -> pa.Table:
     """Index rows of one shard, read from its scalar columns."""
-    file = _open_parquet(dataset_dir / shard)
+    path = dataset_dir / shard
+    file = _open_parquet(path)
+    check_schema(file.schema_arrow, set(ROW_SCHEMAS.values()), str(path))
     present = file.schema_arrow.names
     table = file.read(columns=[c for c in INDEX_ROW_COLUMNS if c in present])
     if "review_status" not in table.column_names:

@@ -23,6 +23,7 @@ class StyleVocabulary:
         if not cleaned:
             raise ValueError("the style vocabulary is empty")
         self.terms = cleaned
+        self._canonical = {_fold(t): t for t in cleaned}
         # A space or hyphen inside a term matches either, so "cel shaded" finds "cel-shaded".
         alternatives = [
             re.escape(t).replace(r"\ ", r"[\s-]+").replace(r"\-", r"[\s-]+") for t in cleaned
@@ -33,7 +34,12 @@ class StyleVocabulary:
 
     def find(self, text: str) -> list[str]:
         """The style terms that occur in `text`, in order of appearance."""
-        return [match.group(1).lower() for match in self._pattern.finditer(text or "")]
+        return [self._canonical[_fold(m.group(1))] for m in self._pattern.finditer(text or "")]
+
+
+def _fold(term: str) -> str:
+    """Spaces and hyphens inside a term are interchangeable; so is case."""
+    return re.sub(r"[\s-]+", " ", term.lower())
 
 
 def parse_vocabulary(text: str) -> list[str]:

@@ -1,0 +1,101 @@
+"""The command line, as a user runs it."""
+
+from __future__ import annotations
+
+import json
+import subprocess
+import sys
+
+import pytest
+from typer.testing import CliRunner
+
+from datagen.cli import app
+from datagen.store import read_index
+
+runner = CliRunner()
+
+
+def invoke(*args: str):
+    return runner.invoke(app, [str(a) for a in args])
+
+
+def test_filter_prints_kept_dropped_and_missing(dataset, tmp_path):
+    result = invoke("filter", "--csd", "0.5", dataset, tmp_path / "out")
+    assert result.exit_code == 0, result.output
+    kept = read_index(tmp_path / "out").num_rows
+    assert f"kept {kept}" in result.output
+    assert "missing-score 1" in result.output
+    assert "csd_below_threshold" in result.output
+
+
+def test_filter_json_and_dry_run(dataset):
+    result = invoke("filter", "--csd", "0.5", "--dry-run", "--json", dataset)
+    assert result.exit_code == 0, result.output
+    summary = json.loads(result.output)
+    assert summary["total"] == 40 and summary["out"] is None
+    assert summary["kept"] + summary["dropped"] + summary["missing"] == 40
+
+
+@pytest.mark.parametrize("threshold", ["1.5", "-1.01"])
+def test_threshold_outside_range_is_a_usage_error(dataset, tmp_path, threshold):
+    result = invoke("filter", "--csd", threshold, dataset, tmp_path / "out")
+    assert result.exit_code == 2
+    assert not (tmp_path / "out").exists()
+
+
+@pytest.mark.parametrize("case", ["missing", "no_shards", "out_is_in", "not_empty", "no_criteria"])
+def test_filter_refusals_exit_non_zero_with_one_clear_line(dataset, tmp_path, case):
+    (tmp_path / "empty").mkdir()
+    (tmp_path / "full").mkdir()
+    (tmp_path / "full" / "x").write_text("x")
+    args = {
+        "missing": ["--csd", "0.5", tmp_path / "nope", tmp_path / "o"],
+        "no_shards": ["--csd", "0.5", tmp_path / "empty", tmp_path / "o"],
+        "out_is_in": ["--csd", "0.5", dataset, dataset],
+        "not_empty": ["--csd", "0.5", dataset, tmp_path / "full"],
+        "no_criteria": [dataset, tmp_path / "o"],
+    }[case]
+    result = invoke("filter", *args)
+    assert result.exit_code == 1
+    assert result.output.startswith("error: ")
+    assert "Traceback" not in result.output
+
+
+def test_inspect_shows_counts_scores_and_schema(dataset):
+    result = invoke("inspect", dataset)
+    assert result.exit_code == 0, result.output
+    assert "ct dataset, schema ct_row v1" in result.output
+    assert "40 rows (40 unique sample_ids) in 4 shards" in result.output
+    assert "csd_score" in result.output and "rejects: 3" in result.output
+    summary = json.loads(invoke("inspect", "--json", dataset).output)
+    assert summary["scores"]["csd_score"]["missing"] == 1
+    assert summary["rejects"]["by_stage_reason"] == {"plan/too_few_frames": 3}
+
+
+def test_validate_exit_codes(dataset, tmp_path):
+    assert invoke("validate", dataset).exit_code == 0
+    from conftest import write_dataset
+
+    from datagen.testing import make_row
+
+    bad = make_row(1)
+    bad["caption_ns"] = "an anime girl runs"
+    path = write_dataset(tmp_path / "bad", [make_row(0), bad])
+    result = invoke("validate", path)
+    assert result.exit_code == 1
+    assert "row 1 [s00000001]: caption_ns_style_words" in result.output
+    assert "1 violation(s)" in result.output
+
+
+def test_installed_command_runs_without_importing_torch(dataset):
+    code = (
+        "import sys, runpy; sys.argv = ['datagen', 'filter', '--csd', '0.5', '--dry-run', "
+        f"{str(dataset)!r}];\n"
+        "try:\n    runpy.run_module('datagen.cli', run_name='__main__')\n"
+        "except SystemExit as e:\n    assert not e.code, e.code\n"
+        "assert 'torch' not in sys.modules, 'datagen filter imported torch'\n"
+        "print('ok')"
+    )
+    result = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True)
+    assert result.returncode == 0, result.stderr
+    assert result.stdout.strip().endswith("ok")

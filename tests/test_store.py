@@ -1,0 +1,222 @@
+"""The shard store: bounded shards, atomic commits, index reconciliation, rejects."""
+
+from __future__ import annotations
+
+import os
+import signal
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+import pyarrow as pa
+import pyarrow.parquet as pq
+import pytest
+from conftest import write_dataset
+
+from datagen.schema import SchemaError
+from datagen.store import (
+    INDEX_DIR,
+    Dataset,
+    DatasetError,
+    RejectsWriter,
+    ShardLimits,
+    ShardWriter,
+    compact_index,
+    hidden_temporaries,
+    list_shards,
+    read_index,
+    read_rejects,
+)
+from datagen.testing import make_row, synthetic_table
+
+
+def shard_row_counts(path: Path) -> list[int]:
+    return [pq.ParquetFile(path / s).metadata.num_rows for s in list_shards(path)]
+
+
+def test_shards_are_bounded_in_rows_and_row_groups(dataset):
+    assert shard_row_counts(dataset) == [12, 12, 12, 4]
+    for shard in list_shards(dataset):
+        file = pq.ParquetFile(dataset / shard)
+        sizes = [file.metadata.row_group(g).num_rows for g in range(file.num_row_groups)]
+        assert max(sizes) <= 5
+
+
+def test_shards_are_bounded_in_bytes(tmp_path):
+    table = synthetic_table(0, 30, media_bytes=20_000)  # ~50 KB per row
+    limits = ShardLimits(max_bytes=200_000, row_group_bytes=100_000)
+    with ShardWriter(tmp_path / "d", "ct", limits=limits) as writer:
+        writer.write(table)
+    counts = shard_row_counts(tmp_path / "d")
+    assert sum(counts) == 30
+    assert max(counts) == 3  # 4 rows would pass 200 kB
+    for shard in list_shards(tmp_path / "d"):
+        assert (tmp_path / "d" / shard).stat().st_size < 200_000 + 50_000
+
+
+def test_index_points_at_every_row_and_is_compacted(dataset, rows):
+    index = read_index(dataset)
+    assert sorted(index["sample_id"].to_pylist()) == sorted(r["sample_id"] for r in rows)
+    for entry in index.to_pylist():
+        table = pq.read_table(dataset / entry["shard"], columns=["sample_id"])
+        assert table["sample_id"][entry["row"]].as_py() == entry["sample_id"]
+    # one compacted index file for the run, listing the shards it covers
+    assert len(list((dataset / INDEX_DIR).glob("*.parquet"))) == 1
+
+
+def test_get_returns_the_full_row(dataset, rows):
+    found = Dataset(dataset).get("s00000017")
+    assert found["raw_video"] == rows[17]["raw_video"]
+    assert found["caption_sty"] == rows[17]["caption_sty"]
+    assert Dataset(dataset).get("nope") is None
+
+
+def test_iter_row_groups_yields_every_row_once(dataset):
+    seen = []
+    for shard, _first, table in Dataset(dataset).iter_row_groups(columns=["sample_id"]):
+        assert shard in list_shards(dataset)
+        seen += table["sample_id"].to_pylist()
+    assert sorted(seen) == sorted(set(seen)) and len(seen) == 40
+
+
+def test_shard_without_index_entries_gets_them_rebuilt(dataset):
+    for index_file in (dataset / INDEX_DIR).glob("*.parquet"):
+        index_file.unlink()
+    index = read_index(dataset)
+    assert index.num_rows == 40
+    assert read_index(dataset, rebuild_missing=False).num_rows == 0
+
+
+def test_index_entries_of_an_uncommitted_shard_are_ignored(dataset):
+    victim = list_shards(dataset)[0]
+    (dataset / victim).unlink()  # as if the crash came between index write and rename
+    index = read_index(dataset)
+    assert index.num_rows == 28
+    assert victim not in set(index["shard"].to_pylist())
+
+
+def test_overlapping_index_files_after_an_interrupted_compaction_do_not_duplicate(tmp_path):
+    path = tmp_path / "d"
+    write_dataset(path, [make_row(i) for i in range(10)], limits=ShardLimits(max_rows=4))
+    write_dataset(path, [make_row(i) for i in range(10, 16)], limits=ShardLimits(max_rows=4))
+    before = sorted(read_index(path)["sample_id"].to_pylist())
+    files = sorted((path / INDEX_DIR).glob("*.parquet"))
+    assert len(files) == 2
+    copies = [f.read_bytes() for f in files]
+    compact_index(path)
+    assert len(list((path / INDEX_DIR).glob("*.parquet"))) == 1
+    for file, data in zip(files, copies, strict=True):  # the old files "survived" a crash
+        file.write_bytes(data)
+    assert (
+        sorted(read_index(path)["sample_id"].to_pylist())
+        == before
+        == [f"s{i:08d}" for i in range(16)]
+    )
+
+
+def test_an_exception_discards_only_the_shard_being_filled(tmp_path):
+    path = tmp_path / "d"
+    with (
+        pytest.raises(RuntimeError, match="boom"),
+        ShardWriter(path, "ct", limits=ShardLimits(max_rows=4)) as writer,
+    ):
+        writer.write([make_row(i) for i in range(10)])  # commits 2 shards, 2 rows pending
+        raise RuntimeError("boom")
+    assert shard_row_counts(path) == [4, 4]
+    assert read_index(path).num_rows == 8
+    assert hidden_temporaries(path) == []
+
+
+def test_rows_breaking_the_schema_are_refused_before_anything_is_written(tmp_path):
+    bad = make_row(0)
+    bad["caption_ns"] = None
+    with pytest.raises(SchemaError, match="caption_ns"), ShardWriter(tmp_path / "d", "ct") as w:
+        w.write([make_row(1), bad])
+    assert list_shards(tmp_path / "d") == []
+
+
+SLOW_WRITER = """
+import sys, time
+from datagen.store import ShardLimits, ShardWriter
+from datagen.testing import synthetic_table
+limits = ShardLimits(max_rows=10**6, row_group_rows=20)
+with ShardWriter(sys.argv[1], "ct", run_id="victim", limits=limits) as writer:
+    print("writing", flush=True)
+    for start in range(40, 100000, 20):
+        writer.write(synthetic_table(start, 20, media_bytes=20000))
+        time.sleep(0.01)
+"""
+
+
+def test_writer_killed_mid_file_leaves_no_visible_partial_shard(tmp_path):
+    path = tmp_path / "d"
+    write_dataset(path, [make_row(i) for i in range(500_000, 500_006)])  # committed before
+    process = subprocess.Popen(
+        [sys.executable, "-c", SLOW_WRITER, str(path)], stdout=subprocess.PIPE, text=True
+    )
+    assert process.stdout.readline().strip() == "writing"
+    deadline = time.monotonic() + 30
+    while time.monotonic() < deadline:  # wait until the hidden shard holds real data
+        partial = [p for p in hidden_temporaries(path) if p.stat().st_size > 1_000_000]
+        if partial:
+            break
+        time.sleep(0.05)
+    assert partial, "the writer never got going"
+    os.kill(process.pid, signal.SIGKILL)
+    process.wait()
+    # only the shard committed before the crash is visible; readers never see the partial one
+    assert len(list_shards(path)) == 1
+    dataset = Dataset(path)
+    assert dataset.index().num_rows == 6
+    assert sorted(read_index(path)["sample_id"].to_pylist()) == [
+        f"s{i:08d}" for i in range(500_000, 500_006)
+    ]
+    assert hidden_temporaries(path), "the partial file stays hidden, for inspection"
+
+
+def test_rejects_round_trip(tmp_path):
+    with RejectsWriter(tmp_path, flush_every=2) as rejects:
+        rejects.add("a", "file:///a.mp4", "plan", "not_a_video", detail="text file")
+        rejects.add("b", "file:///b.mp4", "caption", "style_words_in_caption_ns", style_id="x")
+        rejects.add("c", "file:///c.mp4", "score", "csd_missing", clip_start=81)
+    table = read_rejects(tmp_path)
+    assert table.num_rows == 3
+    assert len(list((tmp_path / "_rejects").glob("*.parquet"))) == 2  # flushed at 2, then 1
+    by_id = {r["sample_id"]: r for r in table.to_pylist()}
+    assert by_id["a"]["reason"] == "not_a_video" and by_id["a"]["detail"] == "text file"
+    assert by_id["c"]["clip_start"] == 81 and by_id["b"]["style_id"] == "x"
+
+
+def test_dataset_errors_are_specific(tmp_path, dataset):
+    with pytest.raises(DatasetError, match="no such directory"):
+        Dataset(tmp_path / "missing")
+    (tmp_path / "file").write_text("x")
+    with pytest.raises(DatasetError, match="not a directory"):
+        Dataset(tmp_path / "file")
+    (tmp_path / "empty").mkdir()
+    with pytest.raises(DatasetError, match="no part-"):
+        Dataset(tmp_path / "empty")
+    with pytest.raises(DatasetError, match="did you mean .*ct"):
+        Dataset(dataset.parent)
+
+
+def test_corrupt_foreign_and_mixed_shards_are_refused(tmp_path, dataset):
+    corrupt = tmp_path / "corrupt"
+    corrupt.mkdir()
+    (corrupt / "part-x.parquet").write_bytes(b"PAR1 this is not parquet")
+    with pytest.raises(DatasetError, match="corrupt or not a Parquet file"):
+        Dataset(corrupt).open_shard("part-x.parquet")
+    foreign = tmp_path / "foreign"
+    foreign.mkdir()
+    pq.write_table(pa.table({"x": [1]}), foreign / "part-y.parquet")
+    with pytest.raises(SchemaError, match="not a datagen file"):
+        Dataset(foreign).split  # noqa: B018 - the property opens the first shard
+    with pytest.raises(DatasetError, match="holds ct rows; cannot add sft rows"):
+        ShardWriter(dataset, "sft")
+    sft = write_dataset(tmp_path / "sft", [make_row(99, split="sft")], split="sft")
+    (dataset / "part-zzz.parquet").write_bytes((sft / list_shards(sft)[0]).read_bytes())
+    mixed = Dataset(dataset)
+    with pytest.raises(DatasetError, match="holds (ct|sft) rows but"):
+        for shard in mixed.shards:
+            mixed.open_shard(shard)
