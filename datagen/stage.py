@@ -1,0 +1,155 @@
+"""What every model stage is, so the Ray adapter and the flows can treat them alike.
+
+    validated config -> Stage.setup() loads the model once -> Stage(batch) pure -> teardown()
+
+A per-sample failure is data: the stage returns a `Reject` (reason code + detail) in that
+sample's place and the batch goes on. A bad config is an exception, raised when the stage is
+built. Heavy imports (torch, diffusers, transformers, ...) happen inside `setup`, never at
+import time, so the CLI and the flows stay light.
+"""
+
+from __future__ import annotations
+
+import math
+import time
+from abc import ABC, abstractmethod
+from collections.abc import Sequence
+from dataclasses import dataclass, field
+from typing import Any, ClassVar, Generic, TypeVar
+
+In = TypeVar("In")
+Out = TypeVar("Out")
+
+
+@dataclass(frozen=True)
+class Resources:
+    """What one actor of a stage needs. Fractional GPUs let small models share a device."""
+
+    num_gpus: float = 0.0
+    num_cpus: float = 1.0
+
+    def __post_init__(self) -> None:
+        for name in ("num_gpus", "num_cpus"):
+            value = getattr(self, name)
+            if not (math.isfinite(value) and value >= 0):
+                raise ValueError(f"Resources.{name} must be a finite number >= 0, got {value}")
+        if self.num_gpus > 1 and self.num_gpus != int(self.num_gpus):
+            raise ValueError(f"more than one GPU must be a whole number, got {self.num_gpus}")
+
+
+@dataclass(frozen=True)
+class Reject:
+    """A sample a stage could not process: where, why (a reason code) and the detail."""
+
+    sample_id: str
+    stage: str
+    reason: str
+    detail: str = ""
+
+
+@dataclass(frozen=True)
+class ModelRef:
+    """What produced an output: model id (hub id or path) and revision (commit or sha256:...)."""
+
+    id: str
+    revision: str
+
+    def as_dict(self) -> dict[str, str]:
+        return {"id": self.id, "revision": self.revision}
+
+
+@dataclass
+class StageStats:
+    """Counters a stage keeps about itself (read by benchmarks and the orchestration tests)."""
+
+    loads: int = 0
+    load_seconds: float = 0.0
+    batches: int = 0
+    samples: int = 0
+    rejects: int = 0
+    compute_seconds: float = 0.0
+    extra: dict[str, Any] = field(default_factory=dict)
+
+
+class Stage(ABC, Generic[In, Out]):
+    """Base class of the model stages (control, stylize, animate, caption, score)."""
+
+    name: ClassVar[str]
+
+    def __init__(self, resources: Resources | None = None):
+        self.resources = resources or Resources()
+        self.stats = StageStats()
+        self._loaded = False
+
+    @property
+    def loaded(self) -> bool:
+        return self._loaded
+
+    def setup(self) -> None:
+        """Load the model(s) once; calling it again does nothing."""
+        if self._loaded:
+            return
+        started = time.perf_counter()
+        self._load()
+        self.stats.loads += 1
+        self.stats.load_seconds += time.perf_counter() - started
+        self._loaded = True
+
+    def __call__(self, batch: Sequence[In]) -> list[Out | Reject]:
+        """Process a batch; one result per input, in order: an output or a Reject."""
+        self.setup()
+        started = time.perf_counter()
+        results = self._process(list(batch))
+        if len(results) != len(batch):
+            raise RuntimeError(f"{self.name}: returned {len(results)} results for "
+                               f"{len(batch)} inputs")
+        self.stats.compute_seconds += time.perf_counter() - started
+        self.stats.batches += 1
+        self.stats.samples += len(batch)
+        self.stats.rejects += sum(isinstance(r, Reject) for r in results)
+        return results
+
+    def teardown(self) -> None:
+        """Release the model(s) (and GPU memory)."""
+        if self._loaded:
+            self._unload()
+            self._loaded = False
+            release_accelerator_memory()
+
+    @abstractmethod
+    def _load(self) -> None: ...
+
+    @abstractmethod
+    def _process(self, batch: list[In]) -> list[Out | Reject]: ...
+
+    def _unload(self) -> None:
+        """Drop references to models; subclasses with extra state extend this."""
+        for attribute in list(vars(self)):
+            if attribute.startswith("model") or attribute.startswith("pipe"):
+                setattr(self, attribute, None)
+
+    def models(self) -> dict[str, ModelRef]:
+        """Role -> model that produced this stage's outputs (recorded in every row)."""
+        return {}
+
+    def reject(self, sample_id: str, reason: str, detail: str = "") -> Reject:
+        return Reject(sample_id=sample_id, stage=self.name, reason=reason, detail=detail)
+
+
+def release_accelerator_memory() -> None:
+    import gc
+
+    gc.collect()
+    try:
+        import torch
+    except ImportError:  # pragma: no cover - torch is a dependency, but teardown must not fail
+        return
+    if torch.cuda.is_available():
+        torch.cuda.empty_cache()
+
+
+def pick_device(resources: Resources) -> str:
+    """'cuda' when the stage asked for a GPU and one is visible, else 'cpu'."""
+    import torch
+
+    return "cuda" if resources.num_gpus > 0 and torch.cuda.is_available() else "cpu"
