@@ -53,27 +53,63 @@ class ModelSource:
 SOURCES: dict[str, ModelSource] = {
     source.key: source
     for source in (
-        ModelSource("depth_anything", "depth-anything/Depth-Anything-V2-Large-hf",
-                    "control: depth", twin="datagen.twins.depth:build_depth_anything"),
-        ModelSource("annotators", "lllyasviel/Annotators", "control: OpenPose / MiDaS",
-                    files=("body_pose_model.pth", "hand_pose_model.pth", "facenet.pth"),
-                    twin="datagen.twins.annotators:build_annotators"),
-        ModelSource("sdxl", "stabilityai/stable-diffusion-xl-base-1.0",
-                    "stylize: SDXL base", twin="datagen.twins.sdxl:build_sdxl"),
-        ModelSource("controlnet_depth_sdxl", "diffusers/controlnet-depth-sdxl-1.0",
-                    "stylize: depth ControlNet", twin="datagen.twins.sdxl:build_controlnet_depth_sdxl"),
-        ModelSource("ip_adapter", "h94/IP-Adapter", "stylize: IP-Adapter (InstantStyle)",
-                    files=("sdxl_models/ip-adapter_sdxl.safetensors",
-                           "sdxl_models/image_encoder/*"),
-                    twin="datagen.twins.sdxl:build_ip_adapter"),
-        ModelSource("wan_vace", "Wan-AI/Wan2.1-VACE-14B-diffusers",
-                    "animate: image-to-video under control", twin="datagen.twins.wan:build_wan_vace"),
-        ModelSource("qwen_vl", "Qwen/Qwen2.5-VL-7B-Instruct", "caption and judge",
-                    twin="datagen.twins.qwen:build_qwen_vl"),
-        ModelSource("csd", "tomg-group-umd/CSD-ViT-L", "score: CSD style similarity",
-                    files=("pytorch_model.bin",), twin="datagen.twins.csd:build_csd"),
-        ModelSource("dinov2", "facebook/dinov2-base", "score: DINOv2 structure",
-                    twin="datagen.twins.dinov2:build_dinov2"),
+        ModelSource(
+            "depth_anything",
+            "depth-anything/Depth-Anything-V2-Large-hf",
+            "control: depth",
+            twin="datagen.twins.depth:build_depth_anything",
+        ),
+        ModelSource(
+            "annotators",
+            "lllyasviel/Annotators",
+            "control: OpenPose / MiDaS",
+            files=("body_pose_model.pth", "hand_pose_model.pth", "facenet.pth"),
+            twin="datagen.twins.annotators:build_annotators",
+        ),
+        ModelSource(
+            "sdxl",
+            "stabilityai/stable-diffusion-xl-base-1.0",
+            "stylize: SDXL base",
+            twin="datagen.twins.sdxl:build_sdxl",
+        ),
+        ModelSource(
+            "controlnet_depth_sdxl",
+            "diffusers/controlnet-depth-sdxl-1.0",
+            "stylize: depth ControlNet",
+            twin="datagen.twins.sdxl:build_controlnet_depth_sdxl",
+        ),
+        ModelSource(
+            "ip_adapter",
+            "h94/IP-Adapter",
+            "stylize: IP-Adapter (InstantStyle)",
+            files=("sdxl_models/ip-adapter_sdxl.safetensors", "sdxl_models/image_encoder/*"),
+            twin="datagen.twins.sdxl:build_ip_adapter",
+        ),
+        ModelSource(
+            "wan_vace",
+            "Wan-AI/Wan2.1-VACE-14B-diffusers",
+            "animate: image-to-video under control",
+            twin="datagen.twins.wan:build_wan_vace",
+        ),
+        ModelSource(
+            "qwen_vl",
+            "Qwen/Qwen2.5-VL-7B-Instruct",
+            "caption and judge",
+            twin="datagen.twins.qwen:build_qwen_vl",
+        ),
+        ModelSource(
+            "csd",
+            "tomg-group-umd/CSD-ViT-L",
+            "score: CSD style similarity",
+            files=("pytorch_model.bin",),
+            twin="datagen.twins.csd:build_csd",
+        ),
+        ModelSource(
+            "dinov2",
+            "facebook/dinov2-base",
+            "score: DINOv2 structure",
+            twin="datagen.twins.dinov2:build_dinov2",
+        ),
     )
 }
 
@@ -98,8 +134,9 @@ def default_tiny_dir() -> Path:
     return cache / "datagen" / f"tiny-models-v{TINY_FORMAT}"
 
 
-def resolve(key: str, profile: str, tiny_dir: str | os.PathLike | None = None,
-            hub_id: str | None = None) -> ResolvedModel:
+def resolve(
+    key: str, profile: str, tiny_dir: str | os.PathLike | None = None, hub_id: str | None = None
+) -> ResolvedModel:
     """The local directory of model `key` in `profile`; builds a missing tiny twin."""
     if key not in SOURCES:
         raise KeyError(f"unknown model {key!r}; known: {sorted(SOURCES)}")
@@ -149,11 +186,17 @@ def check_production() -> list[dict]:
         entry = {"key": source.key, "hub_id": source.hub_id, "purpose": source.purpose}
         try:
             resolved = _resolve_production(source, None)
-            entry |= {"present": True, "path": str(resolved.path),
-                      "revision": resolved.ref.revision}
+            entry |= {
+                "present": True,
+                "path": str(resolved.path),
+                "revision": resolved.ref.revision,
+            }
         except MissingModelError as error:
-            entry |= {"present": False, "error": str(error).splitlines()[0],
-                      "fetch": source.download_command()}
+            entry |= {
+                "present": False,
+                "error": str(error).splitlines()[0],
+                "fetch": source.download_command(),
+            }
         report.append(entry)
     return report
 
@@ -206,9 +249,12 @@ def build_twin(key: str, root: Path, force: bool = False) -> ResolvedModel:
         staging.mkdir(parents=True)
         _twin_builder(source)(staging)
         revision = directory_revision(staging)
-        (staging / TWIN_MANIFEST).write_text(json.dumps(
-            {"key": key, "mirrors": source.hub_id, "format": TINY_FORMAT, "revision": revision},
-            indent=2))
+        (staging / TWIN_MANIFEST).write_text(
+            json.dumps(
+                {"key": key, "mirrors": source.hub_id, "format": TINY_FORMAT, "revision": revision},
+                indent=2,
+            )
+        )
         shutil.rmtree(target, ignore_errors=True)
         os.replace(staging, target)  # the twin appears complete or not at all
     return ResolvedModel(key, target, ModelRef(f"tiny/{key}", revision))

@@ -101,8 +101,9 @@ class Stage(ABC, Generic[In, Out]):
         started = time.perf_counter()
         results = self._process(list(batch))
         if len(results) != len(batch):
-            raise RuntimeError(f"{self.name}: returned {len(results)} results for "
-                               f"{len(batch)} inputs")
+            raise RuntimeError(
+                f"{self.name}: returned {len(results)} results for {len(batch)} inputs"
+            )
         self.stats.compute_seconds += time.perf_counter() - started
         self.stats.batches += 1
         self.stats.samples += len(batch)
