@@ -213,6 +213,67 @@ def validate_command(
         raise typer.Exit(1)
 
 
+models_app = typer.Typer(
+    help="Model weights: build tiny twins, check production weights.", no_args_is_help=True
+)
+app.add_typer(models_app, name="models")
+
+
+@models_app.command("tiny")
+def models_tiny_command(
+    directory: Path = typer.Argument(
+        None, metavar="DIR", help="Where to build (default: the tiny profile's dir)."
+    ),
+    only: list[str] = typer.Option(None, "--only", help="Build only these model keys."),
+    force: bool = typer.Option(False, "--force", help="Rebuild twins that already exist."),
+) -> None:
+    """Build every tiny random-weight twin offline, deterministically, in hub folder layouts."""
+    from datagen.models import SOURCES, build_twin, default_tiny_dir
+
+    root = directory or default_tiny_dir()
+    keys = only or list(SOURCES)
+    unknown = [k for k in keys if k not in SOURCES]
+    if unknown:
+        _fail(f"unknown model key(s) {unknown}; known: {', '.join(SOURCES)}", code=2)
+    for key in keys:
+        built = build_twin(key, root, force=force)
+        say(f"{key:<24} {built.path}  {built.ref.revision}")
+
+
+@models_app.command("check")
+def models_check_command(
+    profile: str = typer.Option(
+        "production", "--profile", help="Only 'production' has weights to check."
+    ),
+    as_json: bool = typer.Option(False, "--json", help="Print the report as JSON."),
+) -> None:
+    """List which production weights are present locally and how to fetch the missing ones.
+
+    Exit code 1 when any is missing."""
+    from datagen.models import check_production
+
+    if profile != "production":
+        _fail(
+            "only the production profile loads real weights; the tiny profile builds its "
+            "own (`datagen models tiny`)",
+            code=2,
+        )
+    report = check_production()
+    if as_json:
+        out.print_json(json.dumps(report))
+    else:
+        for entry in report:
+            if entry["present"]:
+                say(f"present  {entry['key']:<24} {entry['hub_id']} @ {entry['revision']}")
+            else:
+                say(f"MISSING  {entry['key']:<24} {entry['hub_id']}  ({entry['purpose']})")
+                say(f"         fetch: {entry['fetch']}")
+    missing = sum(not e["present"] for e in report)
+    say(f"{len(report) - missing} present, {missing} missing")
+    if missing:
+        raise typer.Exit(1)
+
+
 def run() -> None:  # pragma: no cover - console entry point alias
     app()
 

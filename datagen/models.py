@@ -162,7 +162,7 @@ def _resolve_production(source: ModelSource, hub_id: str | None) -> ResolvedMode
     from huggingface_hub.errors import LocalEntryNotFoundError
 
     try:
-        snapshot = Path(snapshot_download(repo, local_files_only=True))
+        snapshot = Path(snapshot_download(repo, local_files_only=True, cache_dir=hf_cache_dir()))
     except (LocalEntryNotFoundError, FileNotFoundError, OSError) as error:
         command = source.download_command().replace(source.hub_id, repo)
         raise MissingModelError(
@@ -177,6 +177,16 @@ def _resolve_production(source: ModelSource, hub_id: str | None) -> ResolvedMode
             f"{source.download_command().replace(source.hub_id, repo)}"
         )
     return ResolvedModel(source.key, snapshot, ModelRef(repo, snapshot.name))
+
+
+def hf_cache_dir() -> str | None:
+    """The Hugging Face hub cache, read from the environment now (huggingface_hub reads it once,
+    at import), so a process can point at another cache after start-up."""
+    if os.environ.get("HF_HUB_CACHE"):
+        return os.environ["HF_HUB_CACHE"]
+    if os.environ.get("HF_HOME"):
+        return os.path.join(os.environ["HF_HOME"], "hub")
+    return None
 
 
 def check_production() -> list[dict]:
