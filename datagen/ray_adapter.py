@@ -1,0 +1,146 @@
+"""The one place where stages meet Ray: actors that load a model once and serve many batches.
+
+Ray remote *functions* with `num_gpus > 0` default to `max_calls=1` (the worker exits after each
+call), so a model in a plain task would reload every time; each stage therefore lives in an
+actor (`StageActor`) that calls `Stage.setup()` once in its constructor. `StagePool` spreads
+batches over a stage's actors with a bound on batches in flight, so a slow stage applies
+backpressure instead of flooding the object store. Stage resources are translated to Ray
+options here and nowhere else.
+"""
+
+from __future__ import annotations
+
+import os
+from collections import deque
+from collections.abc import Callable, Iterable, Iterator
+from typing import Any
+
+from datagen.stage import Resources, Stage, StageStats
+
+# A small machine's object store: Ray's default is 30% of RAM in /dev/shm.
+DEFAULT_OBJECT_STORE_BYTES = 1 * 2**30
+
+
+def ray_options(resources: Resources) -> dict[str, Any]:
+    """Ray actor options for a stage's declared resources."""
+    return {"num_gpus": resources.num_gpus, "num_cpus": resources.num_cpus}
+
+
+def init_ray(
+    address: str | None = None,
+    num_cpus: int | None = None,
+    object_store_bytes: int | None = None,
+    runtime_env: dict | None = None,
+) -> None:
+    """Connect to `address` / $RAY_ADDRESS (a cluster), or start a private local instance.
+
+    The local instance binds its dashboard to 127.0.0.1 (or runs without one), sends no usage
+    stats, and caps the object store so a laptop keeps its memory.
+    """
+    import ray
+
+    if ray.is_initialized():
+        return
+    os.environ.setdefault("RAY_USAGE_STATS_ENABLED", "0")
+    address = address or os.environ.get("RAY_ADDRESS")
+    if address:
+        ray.init(address=address, log_to_driver=True, runtime_env=runtime_env)
+        return
+    ray.init(
+        address="local",
+        num_cpus=num_cpus,
+        object_store_memory=object_store_bytes or DEFAULT_OBJECT_STORE_BYTES,
+        include_dashboard=False,
+        dashboard_host="127.0.0.1",
+        log_to_driver=True,
+        configure_logging=False,
+        runtime_env=runtime_env,
+    )
+
+
+def shutdown_ray() -> None:
+    import ray
+
+    if ray.is_initialized():
+        ray.shutdown()
+
+
+class StageActor:
+    """Holds one Stage: loads its model(s) once at construction, then serves batches."""
+
+    def __init__(self, factory: Callable[[], Stage], torch_threads: int | None = None):
+        if torch_threads:
+            import torch
+
+            torch.set_num_threads(torch_threads)  # actors sharing cores must not oversubscribe
+        self.stage = factory()
+        self.stage.setup()
+
+    def process(self, batch: list) -> list:
+        return self.stage(batch)
+
+    def stats(self) -> StageStats:
+        return self.stage.stats
+
+    def models(self) -> dict:
+        return self.stage.models()
+
+    def ready(self) -> bool:
+        return True
+
+
+class StagePool:
+    """A stage's actors and an ordered, backpressured `map` over batches."""
+
+    def __init__(
+        self,
+        factory: Callable[[], Stage],
+        resources: Resources,
+        size: int = 1,
+        max_in_flight: int | None = None,
+        torch_threads: int | None = None,
+    ):
+        import ray
+
+        if size < 1:
+            raise ValueError(f"pool size must be >= 1, got {size}")
+        self.size = size
+        self.max_in_flight = max_in_flight or 2 * size
+        if self.max_in_flight < 1:
+            raise ValueError("max_in_flight must be >= 1")
+        remote_class = ray.remote(StageActor).options(**ray_options(resources))
+        self.actors = [remote_class.remote(factory, torch_threads) for _ in range(size)]
+        ray.get([actor.ready.remote() for actor in self.actors])  # models are loaded now
+        self._next = 0
+
+    def map(self, batches: Iterable[list]) -> Iterator[list]:
+        """Process batches on the actors, yielding results in input order; at most
+        `max_in_flight` batches are submitted but not yet consumed."""
+        import ray
+
+        pending: deque = deque()
+        for batch in batches:
+            if len(pending) >= self.max_in_flight:
+                yield ray.get(pending.popleft())
+            actor = self.actors[self._next % self.size]
+            self._next += 1
+            pending.append(actor.process.remote(batch))
+        while pending:
+            yield ray.get(pending.popleft())
+
+    def stats(self) -> list[StageStats]:
+        import ray
+
+        return ray.get([actor.stats.remote() for actor in self.actors])
+
+    def models(self) -> dict:
+        import ray
+
+        return ray.get(self.actors[0].models.remote())
+
+    def shutdown(self) -> None:
+        import ray
+
+        for actor in self.actors:
+            ray.kill(actor)
+        self.actors = []

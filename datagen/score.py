@@ -1,0 +1,598 @@
+"""Score stage: CSD style similarity and DINOv2 structure similarity of a stylized pair.
+
+Definitions (recorded with every row, see schemas/ct_row.v1.json):
+
+- **frames scored**: `csd_frames` indices (default 4) spread evenly over the clip, always
+  including the first frame (and the last when more than one is asked), see
+  `sample_frame_indices`; all frames when the clip is shorter than that.
+- **csd_score**: the mean, over every (sampled stylized-video frame, style reference image)
+  pair, of the cosine similarity between their CSD style embeddings. CSD (Somepalli et al.
+  2024, learn2phoenix/CSD `CSD_CLIP`) is the CLIP ViT-L/14 visual tower (QuickGELU, fp32)
+  whose `proj` was moved into a trained style head: embedding = normalize(feature @
+  last_layer_style). CT keeps `csd_score > 0.5`.
+- **dino_score**: the mean, over the same sampled frame indices, of the cosine similarity
+  between the DINOv2 CLS embeddings (`pooler_output`: the layer-normed CLS token) of the raw
+  frame and of the stylized frame at the same index. It measures whether the stylized video
+  kept the raw video's structure.
+
+Both lie in [-1, 1]. The CSD checkpoint is recorded by the sha256 of its file: the CSD
+repository's issue #14 says the released weights do not reproduce the paper's numbers, so a
+score is only meaningful together with the checkpoint that produced it.
+
+The plain functions (`load_csd`, `csd_style_embeddings`, `load_dinov2`,
+`dinov2_cls_embeddings`, `csd_score`, `dino_score`) work without the Stage. Heavy imports
+(torch, open_clip, transformers) happen inside them, never at import time.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import math
+import os
+import re
+from collections.abc import Mapping, Sequence
+from dataclasses import asdict, dataclass
+from pathlib import Path
+from typing import TYPE_CHECKING, Any
+
+import numpy as np
+
+from datagen.models import MissingModelError, resolve
+from datagen.stage import ModelRef, Reject, Resources, Stage, pick_device
+
+if TYPE_CHECKING:  # pragma: no cover - typing only
+    import torch
+
+CSD_CHECKPOINT_FILE = "pytorch_model.bin"
+# OpenAI CLIP's normalisation, which CSD's evaluation transforms use.
+CLIP_MEAN = (0.48145466, 0.4578275, 0.40821073)
+CLIP_STD = (0.26862954, 0.26130258, 0.27577711)
+DEVICE_PATTERN = re.compile(r"auto|cpu|cuda(:\d+)?")
+DINO_DTYPES = ("float32", "float16", "bfloat16")
+
+# Reason codes of the samples this stage rejects.
+REJECT_INVALID_FRAMES = "invalid_frames"  # not uint8 (F, H, W, 3) or empty
+REJECT_FRAME_COUNT_MISMATCH = "frame_count_mismatch"  # raw and stylized differ in F
+REJECT_FRAME_SIZE_MISMATCH = "frame_size_mismatch"  # raw and stylized differ in H, W
+REJECT_NO_STYLE_REFS = "no_style_refs"
+REJECT_INVALID_STYLE_REF = "invalid_style_ref"  # a reference that is not uint8 (H, W, 3)
+REJECT_NONFINITE_SCORE = "nonfinite_score"  # NaN/inf from the models (broken weights, overflow)
+
+
+class CheckpointError(RuntimeError):
+    """A model file that is not the checkpoint this stage expects (foreign or mismatched)."""
+
+
+# --- frame sampling and score math -----------------------------------------------------------
+
+
+def sample_frame_indices(num_frames: int, count: int) -> list[int]:
+    """`count` frame indices spread evenly over [0, num_frames - 1], starting at frame 0.
+
+    With count >= 2 the last frame is included too; a clip shorter than `count` gives all of
+    its frames. Indices are distinct and increasing.
+    """
+    if num_frames < 1:
+        raise ValueError(f"num_frames must be >= 1, got {num_frames}")
+    if count < 1:
+        raise ValueError(f"count must be >= 1, got {count}")
+    if count >= num_frames:
+        return list(range(num_frames))
+    if count == 1:
+        return [0]
+    # Spacing >= 1, so rounding never merges two indices.
+    return [round(i * (num_frames - 1) / (count - 1)) for i in range(count)]
+
+
+def csd_score(frame_embeddings: torch.Tensor, ref_embeddings: torch.Tensor) -> float:
+    """Mean cosine over all (frame, reference) pairs of L2-normalised style embeddings."""
+    import torch.nn.functional as F
+
+    frames = F.normalize(frame_embeddings.double(), dim=-1)
+    refs = F.normalize(ref_embeddings.double(), dim=-1)
+    return float((frames @ refs.T).mean())
+
+
+def dino_score(raw_embeddings: torch.Tensor, stylized_embeddings: torch.Tensor) -> float:
+    """Mean cosine between raw and stylized embeddings of the same frame index (row-wise)."""
+    import torch.nn.functional as F
+
+    if raw_embeddings.shape != stylized_embeddings.shape:
+        raise ValueError(
+            f"raw and stylized embeddings differ in shape: {tuple(raw_embeddings.shape)} vs "
+            f"{tuple(stylized_embeddings.shape)}"
+        )
+    cosine = F.cosine_similarity(raw_embeddings.double(), stylized_embeddings.double(), dim=-1)
+    return float(cosine.mean())
+
+
+# --- CSD -------------------------------------------------------------------------------------
+
+
+@dataclass(frozen=True)
+class CSDArch:
+    """The CLIP vision tower a CSD checkpoint holds, read from its tensor shapes."""
+
+    image_size: int
+    patch_size: int
+    width: int
+    layers: int
+    heads: int
+    mlp_width: int
+    output_dim: int
+
+
+_BACKBONE_KEYS = (
+    "backbone.conv1.weight",
+    "backbone.class_embedding",
+    "backbone.positional_embedding",
+    "backbone.transformer.resblocks.0.mlp.c_fc.weight",
+)
+_HEAD_KEYS = ("last_layer_style", "last_layer_content")
+_BLOCK = re.compile(r"^backbone\.transformer\.resblocks\.(\d+)\.")
+
+
+def file_sha256(path: str | os.PathLike) -> str:
+    """'sha256:<hex>' of a file's bytes."""
+    digest = hashlib.sha256()
+    with open(path, "rb") as handle:
+        for chunk in iter(lambda: handle.read(1 << 22), b""):
+            digest.update(chunk)
+    return "sha256:" + digest.hexdigest()
+
+
+def read_csd_checkpoint(path: str | os.PathLike) -> tuple[dict[str, Any], Any]:
+    """(state dict without `module.` prefixes, args or None) of a CSD checkpoint file.
+
+    Loads with `weights_only=True` (only tensors, containers and primitives, plus
+    argparse.Namespace for the training `args`): a pickle that needs any other object is
+    refused, never executed. Accepts the training-checkpoint dict (`model_state_dict` + `args`,
+    as released) or a bare state dict with the same keys.
+    """
+    import argparse
+    import pickle
+
+    import torch
+
+    path = Path(path)
+    if not path.is_file():
+        raise CheckpointError(f"CSD checkpoint {path} does not exist")
+    try:
+        with torch.serialization.safe_globals([argparse.Namespace]):
+            checkpoint = torch.load(path, map_location="cpu", weights_only=True)
+    except pickle.UnpicklingError as error:
+        first = str(error).strip().splitlines()[-1] if str(error).strip() else ""
+        raise CheckpointError(
+            f"CSD checkpoint {path} was refused by torch.load(weights_only=True): it holds "
+            f"objects other than tensors and argparse.Namespace ({first})"
+        ) from None
+    except Exception as error:  # corrupt zip, truncated file, not a torch file at all
+        raise CheckpointError(
+            f"CSD checkpoint {path} is not a readable torch file: {error.__class__.__name__}: "
+            f"{error}"
+        ) from None
+    if not isinstance(checkpoint, Mapping):
+        raise CheckpointError(
+            f"CSD checkpoint {path} holds a {type(checkpoint).__name__}, expected a dict with "
+            "'model_state_dict' (learn2phoenix/CSD train_csd.py format)"
+        )
+    if "model_state_dict" in checkpoint:
+        state, args = checkpoint["model_state_dict"], checkpoint.get("args")
+    else:
+        state, args = checkpoint, None
+    if not isinstance(state, Mapping) or not all(
+        isinstance(k, str) and isinstance(v, torch.Tensor) for k, v in state.items()
+    ):
+        raise CheckpointError(
+            f"CSD checkpoint {path}: 'model_state_dict' is not a mapping of names to tensors"
+        )
+    state = {k.removeprefix("module."): v for k, v in state.items()}
+    missing = [k for k in (*_BACKBONE_KEYS, *_HEAD_KEYS) if k not in state]
+    if missing:
+        raise CheckpointError(
+            f"CSD checkpoint {path} is not a CSD_CLIP checkpoint: missing {missing} "
+            f"(it has {len(state)} tensors, e.g. {sorted(state)[:3]})"
+        )
+    return state, args
+
+
+def infer_csd_arch(state: Mapping[str, Any], args: Any = None) -> CSDArch:
+    """The vision-tower geometry of a CSD state dict (ViT-L/14: 224, 14, 1024, 24, 16, 4096, 768).
+
+    The head count is not visible in the shapes: it is `args.vision_heads` when the checkpoint
+    records it (the tiny twin does) and otherwise width // 64, CLIP's rule (16 for ViT-L).
+    """
+    conv = state["backbone.conv1.weight"]
+    width, _, patch, patch_w = conv.shape
+    positions = state["backbone.positional_embedding"].shape[0] - 1
+    grid = math.isqrt(positions)
+    if patch != patch_w or grid * grid != positions:
+        raise CheckpointError(
+            f"CSD checkpoint: expected square patches and a square position grid, got conv1 "
+            f"{tuple(conv.shape)} and {positions} positions"
+        )
+    layers = 1 + max(int(m.group(1)) for k in state if (m := _BLOCK.match(k)))
+    heads = getattr(args, "vision_heads", None) or width // 64
+    if isinstance(heads, bool) or not isinstance(heads, int):
+        raise CheckpointError(
+            f"CSD checkpoint: args.vision_heads must be an integer, got {heads!r}"
+        )
+    style = state["last_layer_style"]
+    if style.ndim != 2 or style.shape[0] != width:
+        raise CheckpointError(
+            f"CSD checkpoint: last_layer_style has shape {tuple(style.shape)}, expected "
+            f"({width}, output_dim) for a backbone of width {width}"
+        )
+    if heads < 1 or width % heads:
+        raise CheckpointError(f"CSD checkpoint: width {width} is not divisible by {heads} heads")
+    return CSDArch(
+        image_size=grid * patch,
+        patch_size=patch,
+        width=width,
+        layers=layers,
+        heads=heads,
+        mlp_width=state["backbone.transformer.resblocks.0.mlp.c_fc.weight"].shape[0],
+        output_dim=style.shape[1],
+    )
+
+
+def build_csd_module(arch: CSDArch) -> torch.nn.Module:
+    """An empty CSD_CLIP port: open_clip VisionTransformer (QuickGELU, no proj) + the 2 heads."""
+    import torch
+    from open_clip.transformer import QuickGELU, VisionTransformer
+
+    backbone = VisionTransformer(
+        image_size=arch.image_size,
+        patch_size=arch.patch_size,
+        width=arch.width,
+        layers=arch.layers,
+        heads=arch.heads,
+        mlp_ratio=arch.mlp_width / arch.width,
+        output_dim=arch.output_dim,
+        act_layer=QuickGELU,  # OpenAI CLIP's activation; GELU would not match the weights
+    )
+    backbone.proj = None  # CSD moved proj into the heads
+    module = torch.nn.Module()
+    module.backbone = backbone
+    module.last_layer_style = torch.nn.Parameter(torch.empty(arch.width, arch.output_dim))
+    module.last_layer_content = torch.nn.Parameter(torch.empty(arch.width, arch.output_dim))
+    module.arch = arch
+    return module
+
+
+def load_csd(path: str | os.PathLike, device: str = "cpu") -> torch.nn.Module:
+    """Load a CSD checkpoint file strictly into the open_clip port (fp32, eval mode).
+
+    Raises CheckpointError when the file is not a CSD_CLIP checkpoint of a consistent shape
+    (missing or extra tensors, wrong shapes, non-tensor payloads).
+    """
+    state, args = read_csd_checkpoint(path)
+    arch = infer_csd_arch(state, args)
+    module = build_csd_module(arch)
+    expected = module.state_dict()
+    missing = sorted(set(expected) - set(state))
+    unexpected = sorted(set(state) - set(expected))
+    wrong_shape = sorted(
+        f"{k} {tuple(state[k].shape)} != {tuple(v.shape)}"
+        for k, v in expected.items()
+        if k in state and state[k].shape != v.shape
+    )
+    if missing or unexpected or wrong_shape:
+        raise CheckpointError(
+            f"CSD checkpoint {path} does not match a CSD_CLIP vision tower {arch}: "
+            f"missing {missing[:5]}{'...' if len(missing) > 5 else ''}, "
+            f"unexpected {unexpected[:5]}{'...' if len(unexpected) > 5 else ''}, "
+            f"wrong shape {wrong_shape[:5]}"
+        )
+    module.load_state_dict({k: v.float() for k, v in state.items()}, strict=True)
+    return module.float().eval().to(device)
+
+
+def csd_preprocess(image_size: int = 224):
+    """CSD's evaluation transform: Resize(short side, bicubic), CenterCrop, CLIP mean/std."""
+    from torchvision import transforms
+
+    return transforms.Compose(
+        [
+            transforms.Resize(image_size, interpolation=transforms.InterpolationMode.BICUBIC),
+            transforms.CenterCrop(image_size),
+            transforms.ToTensor(),
+            transforms.Normalize(CLIP_MEAN, CLIP_STD),
+        ]
+    )
+
+
+def csd_style_embeddings(
+    model: torch.nn.Module, images: Sequence[np.ndarray], batch_size: int = 32
+) -> torch.Tensor:
+    """(N, output_dim) unit-norm CSD style embeddings of uint8 (H, W, 3) images, on the CPU."""
+    import torch
+    import torch.nn.functional as F
+    from PIL import Image
+
+    transform = csd_preprocess(model.arch.image_size)
+    device = model.last_layer_style.device
+    outputs = []
+    with torch.inference_mode():
+        for start in range(0, len(images), batch_size):
+            pixels = torch.stack(
+                [transform(Image.fromarray(image)) for image in images[start : start + batch_size]]
+            ).to(device)
+            features = model.backbone(pixels)
+            outputs.append(F.normalize(features @ model.last_layer_style, dim=-1).float().cpu())
+    if not outputs:
+        return torch.empty(0, model.arch.output_dim)
+    return torch.cat(outputs)
+
+
+# --- DINOv2 ----------------------------------------------------------------------------------
+
+
+def load_dinov2(
+    path: str | os.PathLike, device: str = "cpu", dtype: str = "float32"
+) -> tuple[Any, Any]:
+    """(Dinov2Model in eval mode, its image processor) from a hub-layout directory."""
+    import torch
+    from transformers import AutoImageProcessor, Dinov2Model
+
+    model = Dinov2Model.from_pretrained(path, dtype=getattr(torch, dtype)).eval().to(device)
+    processor = AutoImageProcessor.from_pretrained(path)
+    return model, processor
+
+
+def dinov2_cls_embeddings(
+    model: Any, processor: Any, images: Sequence[np.ndarray], batch_size: int = 32
+) -> torch.Tensor:
+    """(N, hidden) DINOv2 CLS embeddings (`pooler_output`) of uint8 (H, W, 3) images, fp32 CPU."""
+    import torch
+
+    outputs = []
+    with torch.inference_mode():
+        for start in range(0, len(images), batch_size):
+            inputs = processor(
+                images=list(images[start : start + batch_size]),
+                return_tensors="pt",
+                input_data_format="channels_last",
+            )
+            pixels = inputs["pixel_values"].to(device=model.device, dtype=model.dtype)
+            outputs.append(model(pixel_values=pixels).pooler_output.float().cpu())
+    if not outputs:
+        return torch.empty(0, model.config.hidden_size)
+    return torch.cat(outputs)
+
+
+# --- the stage -------------------------------------------------------------------------------
+
+
+@dataclass(frozen=True)
+class ScoreConfig:
+    """How to score pairs. `csd_frames` frames per clip; `batch_size` images per forward pass."""
+
+    profile: str = "tiny"
+    tiny_dir: str | None = None
+    csd_hub_id: str | None = None  # override of tomg-group-umd/CSD-ViT-L
+    dinov2_hub_id: str | None = None  # override of facebook/dinov2-base
+    csd_frames: int = 4
+    # "auto" (cuda when the stage was given a GPU and one is visible) | cpu | cuda | cuda:N
+    device: str = "auto"
+    dino_dtype: str = "float32"  # CSD always runs in fp32, as the reference does
+    batch_size: int = 32
+    torch_threads: int | None = None  # cap torch's CPU threads in this process (small hosts)
+
+    def __post_init__(self) -> None:
+        if self.profile not in ("tiny", "production"):
+            raise ValueError(f"profile must be 'tiny' or 'production', got {self.profile!r}")
+        if not isinstance(self.device, str) or not DEVICE_PATTERN.fullmatch(self.device):
+            raise ValueError(
+                f"device must be 'auto', 'cpu', 'cuda' or 'cuda:N', got {self.device!r}"
+            )
+        if self.dino_dtype not in DINO_DTYPES:
+            raise ValueError(f"dino_dtype must be one of {DINO_DTYPES}, got {self.dino_dtype!r}")
+        for name in ("csd_frames", "batch_size"):
+            value = getattr(self, name)
+            if isinstance(value, bool) or not isinstance(value, int) or value < 1:
+                raise ValueError(f"{name} must be an integer >= 1, got {value!r}")
+        threads = self.torch_threads
+        if threads is not None and (
+            isinstance(threads, bool) or not isinstance(threads, int) or threads < 1
+        ):
+            raise ValueError(f"torch_threads must be None or an integer >= 1, got {threads!r}")
+        for name in ("csd_hub_id", "dinov2_hub_id"):
+            value = getattr(self, name)
+            if value is not None and (not isinstance(value, str) or not value.strip()):
+                raise ValueError(f"{name} must be None or a non-empty hub id, got {value!r}")
+
+
+@dataclass(frozen=True)
+class ScoreInput:
+    """One pair to score: raw and stylized videos (F, H, W, 3) uint8 and the style references."""
+
+    sample_id: str
+    raw_frames: np.ndarray
+    stylized_frames: np.ndarray
+    style_refs: list[np.ndarray]
+
+
+@dataclass(frozen=True)
+class ScoreOutput:
+    """The scores of one pair (definitions in this module's docstring)."""
+
+    sample_id: str
+    csd_score: float
+    dino_score: float
+
+
+def _is_video(frames: Any) -> bool:
+    return (
+        isinstance(frames, np.ndarray)
+        and frames.dtype == np.uint8
+        and frames.ndim == 4
+        and frames.shape[-1] == 3
+        and all(n > 0 for n in frames.shape)
+    )
+
+
+def _is_image(image: Any) -> bool:
+    return (
+        isinstance(image, np.ndarray)
+        and image.dtype == np.uint8
+        and image.ndim == 3
+        and image.shape[-1] == 3
+        and all(n > 0 for n in image.shape)
+    )
+
+
+class ScoreStage(Stage[ScoreInput, ScoreOutput]):
+    """CSD style score and DINOv2 structure score of each (raw, stylized, references) sample."""
+
+    name = "score"
+
+    def __init__(self, config: ScoreConfig | None = None, resources: Resources | None = None):
+        # Two small models (~0.3 B + ~0.09 B parameters): a quarter of a GPU is plenty.
+        super().__init__(resources or Resources(num_gpus=0.25, num_cpus=1))
+        self.config = config or ScoreConfig()
+        self.model_csd = None
+        self.model_dino = None
+        self.dino_processor = None
+        self._refs: dict[str, ModelRef] = {}
+
+    def _device(self) -> str:
+        import torch
+
+        if self.config.device == "auto":
+            return pick_device(self.resources)
+        if self.config.device.startswith("cuda") and not torch.cuda.is_available():
+            raise RuntimeError(
+                f"ScoreConfig.device={self.config.device!r}: no CUDA device is visible"
+            )
+        return self.config.device
+
+    def _load(self) -> None:
+        import torch
+
+        if self.config.torch_threads:
+            torch.set_num_threads(self.config.torch_threads)
+        # Resolve both before loading either, so a production host missing both hears of both.
+        resolved, missing = {}, []
+        for key, hub_id in (("csd", self.config.csd_hub_id), ("dinov2", self.config.dinov2_hub_id)):
+            try:
+                resolved[key] = resolve(key, self.config.profile, self.config.tiny_dir, hub_id)
+            except MissingModelError as error:
+                missing.append(str(error))
+        if missing:
+            raise MissingModelError("\n".join(missing))
+        device = self._device()
+        checkpoint = resolved["csd"].path / CSD_CHECKPOINT_FILE
+        self.model_csd = load_csd(checkpoint, device=device)
+        self.model_dino, self.dino_processor = load_dinov2(
+            resolved["dinov2"].path, device=device, dtype=self.config.dino_dtype
+        )
+        self._refs = {
+            # The weights file's own hash: released CSD weights differ from the paper's.
+            "csd": ModelRef(resolved["csd"].ref.id, file_sha256(checkpoint)),
+            "dinov2": resolved["dinov2"].ref,
+        }
+
+    def _unload(self) -> None:
+        super()._unload()
+        self.dino_processor = None
+
+    def models(self) -> dict[str, ModelRef]:
+        """Role -> model; filled at setup (the CSD revision is the hash of the file loaded)."""
+        return dict(self._refs)
+
+    def params(self) -> dict[str, Any]:
+        """The settings that shaped the scores (recorded in the row's params)."""
+        return asdict(self.config)
+
+    def _check(self, sample: ScoreInput) -> Reject | None:
+        raw, stylized = sample.raw_frames, sample.stylized_frames
+        for label, frames in (("raw_frames", raw), ("stylized_frames", stylized)):
+            if not _is_video(frames):
+                shape = getattr(frames, "shape", None)
+                dtype = getattr(frames, "dtype", type(frames).__name__)
+                return self.reject(
+                    sample.sample_id,
+                    REJECT_INVALID_FRAMES,
+                    f"{label} must be non-empty uint8 (F, H, W, 3), got {dtype} {shape}",
+                )
+        if raw.shape[0] != stylized.shape[0]:
+            return self.reject(
+                sample.sample_id,
+                REJECT_FRAME_COUNT_MISMATCH,
+                f"raw video has {raw.shape[0]} frames, stylized video {stylized.shape[0]}",
+            )
+        if raw.shape[1:3] != stylized.shape[1:3]:
+            return self.reject(
+                sample.sample_id,
+                REJECT_FRAME_SIZE_MISMATCH,
+                f"raw frames are {raw.shape[1:3]}, stylized frames {stylized.shape[1:3]}",
+            )
+        if not sample.style_refs:
+            return self.reject(sample.sample_id, REJECT_NO_STYLE_REFS, "no style reference images")
+        for i, ref in enumerate(sample.style_refs):
+            if not _is_image(ref):
+                shape = getattr(ref, "shape", None)
+                dtype = getattr(ref, "dtype", type(ref).__name__)
+                return self.reject(
+                    sample.sample_id,
+                    REJECT_INVALID_STYLE_REF,
+                    f"style_refs[{i}] must be non-empty uint8 (H, W, 3), got {dtype} {shape}",
+                )
+        return None
+
+    def _process(self, batch: list[ScoreInput]) -> list[ScoreOutput | Reject]:
+        import torch
+
+        results: list[ScoreOutput | Reject | None] = [None] * len(batch)
+        # Gather every image of the valid samples into one list per model, so the forward
+        # passes run over full batches across samples; remember each sample's slices.
+        csd_images: list[np.ndarray] = []
+        raw_images: list[np.ndarray] = []
+        stylized_images: list[np.ndarray] = []
+        plan: list[tuple[int, slice, slice, slice]] = []
+        for position, sample in enumerate(batch):
+            problem = self._check(sample)
+            if problem is not None:
+                results[position] = problem
+                continue
+            indices = sample_frame_indices(len(sample.stylized_frames), self.config.csd_frames)
+            frames_at = len(csd_images)
+            csd_images.extend(sample.stylized_frames[i] for i in indices)
+            refs_at = len(csd_images)
+            csd_images.extend(sample.style_refs)
+            pairs_at = len(raw_images)
+            raw_images.extend(sample.raw_frames[i] for i in indices)
+            stylized_images.extend(sample.stylized_frames[i] for i in indices)
+            plan.append(
+                (
+                    position,
+                    slice(frames_at, refs_at),
+                    slice(refs_at, len(csd_images)),
+                    slice(pairs_at, len(raw_images)),
+                )
+            )
+        if plan:
+            size = self.config.batch_size
+            with torch.inference_mode():
+                style = csd_style_embeddings(self.model_csd, csd_images, batch_size=size)
+                raw = dinov2_cls_embeddings(
+                    self.model_dino, self.dino_processor, raw_images, batch_size=size
+                )
+                stylized = dinov2_cls_embeddings(
+                    self.model_dino, self.dino_processor, stylized_images, batch_size=size
+                )
+            for position, frames, refs, pairs in plan:
+                sample_id = batch[position].sample_id
+                csd = csd_score(style[frames], style[refs])
+                dino = dino_score(raw[pairs], stylized[pairs])
+                if math.isfinite(csd) and math.isfinite(dino):
+                    results[position] = ScoreOutput(sample_id, csd, dino)
+                else:
+                    results[position] = self.reject(
+                        sample_id,
+                        REJECT_NONFINITE_SCORE,
+                        f"csd_score={csd}, dino_score={dino} (checkpoint "
+                        f"{self._refs['csd'].revision})",
+                    )
+        return results  # type: ignore[return-value]  # every slot is filled above

@@ -1,0 +1,77 @@
+"""Ray adapter: models load once per actor, batches keep their order, in-flight is bounded."""
+
+from __future__ import annotations
+
+import time
+from pathlib import Path
+
+import pytest
+
+from datagen.ray_adapter import StagePool, init_ray, ray_options, shutdown_ray
+from datagen.stage import Reject, Resources, Stage
+
+
+class SquareStage(Stage):
+    """A real Stage with trivial compute: rejects negative numbers, squares the rest."""
+
+    name = "square"
+
+    def __init__(self, delay: float = 0.0):
+        super().__init__(Resources(num_cpus=0.25))
+        self.delay = delay
+
+    def _load(self) -> None:
+        self.model = lambda x: x * x
+
+    def _process(self, batch):
+        time.sleep(self.delay)
+        return [
+            self.reject(str(x), "negative", f"{x} < 0") if x < 0 else self.model(x) for x in batch
+        ]
+
+
+@pytest.fixture(scope="module")
+def ray_local():
+    # workers import this module (for SquareStage) from the tests folder
+    init_ray(num_cpus=2, runtime_env={"env_vars": {"PYTHONPATH": str(Path(__file__).parent)}})
+    yield
+    shutdown_ray()
+
+
+def test_ray_options_translate_declared_resources():
+    assert ray_options(Resources(num_gpus=0.25, num_cpus=2)) == {"num_gpus": 0.25, "num_cpus": 2}
+    with pytest.raises(ValueError, match="num_gpus"):
+        Resources(num_gpus=-1)
+    with pytest.raises(ValueError, match="whole number"):
+        Resources(num_gpus=1.5)
+
+
+def test_each_actor_loads_once_and_serves_every_batch_in_order(ray_local):
+    pool = StagePool(SquareStage, Resources(num_cpus=0.25), size=2)
+    batches = [[i, -i, i + 1] for i in range(1, 9)]
+    results = list(pool.map(batches))
+    assert [r[0] for r in results] == [i * i for i in range(1, 9)]
+    assert all(isinstance(r[1], Reject) and r[1].reason == "negative" for r in results)
+    stats = pool.stats()
+    assert [s.loads for s in stats] == [1, 1], "one model load per actor per run"
+    assert sum(s.batches for s in stats) == 8 and sum(s.rejects for s in stats) == 8
+    pool.shutdown()
+
+
+def test_backpressure_bounds_batches_in_flight(ray_local):
+    pool = StagePool(
+        lambda: SquareStage(delay=0.05), Resources(num_cpus=0.25), size=1, max_in_flight=2
+    )
+    submitted = []
+
+    def batches():
+        for i in range(6):
+            submitted.append(i)
+            yield [i]
+
+    consumed = 0
+    for _ in pool.map(batches()):
+        consumed += 1
+        assert len(submitted) - consumed <= 2
+    assert consumed == 6
+    pool.shutdown()
