@@ -1,0 +1,191 @@
+"""Caption stage: the two captions of a pair, written by a VLM (see datagen/vlm.py).
+
+- `caption_sty` describes content AND style, from the stylized video (the prompt names the
+  style the video was rendered in, so the VLM can name it).
+- `caption_ns` describes content only, from the raw video. It is checked against the style
+  vocabulary (prompts/style_vocabulary.txt); on a hit the VLM is asked again, in the same
+  conversation, to rewrite it without the words it used, up to `max_retries` generations in
+  all, after which the sample is rejected (`caption_ns_style_words`).
+
+Rejects: `bad_frames`, `caption_truncated` (the generation hit max_new_tokens), `caption_empty`,
+`caption_ns_style_words`, and the backend's per-sample failures (`vlm_http_error`,
+`vlm_bad_response`). Prompts are the text files prompts/caption_*.txt.
+"""
+
+from __future__ import annotations
+
+from dataclasses import asdict, dataclass
+
+import numpy as np
+
+from datagen.stage import ModelRef, Reject, Resources, Stage
+from datagen.style_vocab import load_style_vocabulary
+from datagen.vlm import (
+    Turn,
+    Video,
+    VLMBackend,
+    VLMConfig,
+    VLMReply,
+    VLMRequestError,
+    check_frames,
+    load_backend,
+    load_prompt,
+    prompt_sha256,
+    sample_video,
+)
+
+
+@dataclass(frozen=True)
+class CaptionConfig(VLMConfig):
+    """The VLM settings (datagen.vlm.VLMConfig) plus the caption_ns regeneration budget."""
+
+    max_retries: int = 3  # caption_ns generations in all (the first included) before a reject
+
+    def __post_init__(self) -> None:
+        super().__post_init__()
+        if not isinstance(self.max_retries, int) or self.max_retries < 1:
+            raise ValueError(f"max_retries must be an integer >= 1, got {self.max_retries!r}")
+
+
+@dataclass(frozen=True)
+class CaptionInput:
+    sample_id: str
+    raw_frames: np.ndarray  # (F, H, W, 3) uint8: the regenerated raw video
+    stylized_frames: np.ndarray  # (F, H, W, 3) uint8
+    style_name: str
+    style_prompt: str
+    fps: float = 16.0
+
+
+@dataclass(frozen=True)
+class CaptionOutput:
+    sample_id: str
+    caption_ns: str
+    caption_sty: str
+    attempts: int  # caption_ns generations it took (1 = clean at the first try)
+
+
+class CaptionStage(Stage[CaptionInput, CaptionOutput]):
+    name = "caption"
+
+    def __init__(self, config: CaptionConfig | None = None, resources: Resources | None = None):
+        self.config = config or CaptionConfig()
+        super().__init__(resources or self.config.default_resources())
+        # Read at build time, so a broken prompt file is a config error, not a failed run.
+        self.sty_prompt = load_prompt("caption_sty.txt", ("style_name", "style_prompt"))
+        self.ns_prompt = load_prompt("caption_ns.txt", ())
+        self.retry_prompt = load_prompt("caption_ns_retry.txt", ("words",))
+        self.vocabulary = load_style_vocabulary()
+        self.backend: VLMBackend | None = None
+
+    def _load(self) -> None:
+        self.backend = load_backend(self.config, self.resources)
+
+    def _unload(self) -> None:
+        if self.backend is not None:
+            self.backend.close()
+        self.backend = None
+
+    def models(self) -> dict[str, ModelRef]:
+        return {"caption": self.backend.model_ref()} if self.backend else {}
+
+    def params(self) -> dict:
+        """The settings that shaped the captions (recorded in the row's params)."""
+        return {
+            **asdict(self.config),
+            "prompts": prompt_sha256(self.sty_prompt, self.ns_prompt, self.retry_prompt),
+        }
+
+    def _process(self, batch: list[CaptionInput]) -> list[CaptionOutput | Reject]:
+        results: dict[int, CaptionOutput | Reject] = {}
+        raw: dict[int, Video] = {}
+        stylized: dict[int, Video] = {}
+        for i, item in enumerate(batch):
+            problem = check_frames(item.raw_frames) or check_frames(item.stylized_frames)
+            if problem is None and not (np.isfinite(item.fps) and item.fps > 0):
+                problem = f"fps must be > 0, got {item.fps}"
+            if problem:
+                results[i] = self.reject(item.sample_id, "bad_frames", problem)
+                continue
+            raw[i] = sample_video(item.raw_frames, item.fps, self.config.num_frames)
+            stylized[i] = sample_video(item.stylized_frames, item.fps, self.config.num_frames)
+        todo = list(raw)
+
+        # One round for both captions, so the backend batches them together.
+        sty_conversations = [self._sty_conversation(batch[i], stylized[i]) for i in todo]
+        ns_conversations = [[Turn("user", (raw[i], self.ns_prompt.substitute()))] for i in todo]
+        replies = self._generate(sty_conversations + ns_conversations)
+        caption_sty: dict[int, str] = {}
+        ns_replies = dict(zip(todo, replies[len(todo) :], strict=True))
+        for i, reply in zip(todo, replies[: len(todo)], strict=True):
+            text, failure = self._text(batch[i].sample_id, reply, "caption_sty")
+            if failure:
+                results[i] = failure
+            else:
+                caption_sty[i] = text
+
+        attempts = dict.fromkeys(caption_sty, 1)
+        forbidden: dict[int, list[str]] = {i: [] for i in caption_sty}
+        pending = list(caption_sty)
+        while pending:
+            retry: dict[int, list[Turn]] = {}
+            for i in pending:
+                sample_id = batch[i].sample_id
+                text, failure = self._text(sample_id, ns_replies[i], "caption_ns")
+                if failure:
+                    results[i] = failure
+                    continue
+                words = self.vocabulary.find(text)
+                if not words:
+                    results[i] = CaptionOutput(sample_id, text, caption_sty[i], attempts[i])
+                    continue
+                forbidden[i] += [w for w in dict.fromkeys(words) if w not in forbidden[i]]
+                if attempts[i] >= self.config.max_retries:
+                    results[i] = self.reject(
+                        sample_id,
+                        "caption_ns_style_words",
+                        f"style words {', '.join(forbidden[i])} in caption_ns after "
+                        f"{attempts[i]} attempts; last: {text[:200]!r}",
+                    )
+                    continue
+                # Same conversation, the offending answer included: greedy decoding would
+                # repeat itself on the same prompt.
+                retry[i] = [
+                    Turn("user", (raw[i], self.ns_prompt.substitute())),
+                    Turn("assistant", (text,)),
+                    Turn("user", (self.retry_prompt.substitute(words=", ".join(forbidden[i])),)),
+                ]
+            pending = list(retry)
+            for i, reply in zip(pending, self._generate(list(retry.values())), strict=True):
+                ns_replies[i] = reply
+                attempts[i] += 1
+        return [results[i] for i in range(len(batch))]
+
+    def _sty_conversation(self, item: CaptionInput, video: Video) -> list[Turn]:
+        prompt = self.sty_prompt.substitute(
+            style_name=item.style_name.strip(), style_prompt=item.style_prompt.strip()
+        )
+        return [Turn("user", (video, prompt))]
+
+    def _generate(self, conversations: list) -> list[VLMReply | VLMRequestError]:
+        if not conversations:
+            return []
+        return self.backend.generate(conversations, self.config.max_new_tokens)
+
+    def _text(
+        self, sample_id: str, reply: VLMReply | VLMRequestError, which: str
+    ) -> tuple[str, Reject | None]:
+        """The caption in `reply`, or the reject it amounts to."""
+        if isinstance(reply, VLMRequestError):
+            return "", self.reject(sample_id, reply.reason, f"{which}: {reply.detail}")
+        if reply.truncated:
+            return "", self.reject(
+                sample_id,
+                "caption_truncated",
+                f"{which} hit max_new_tokens={self.config.max_new_tokens} without ending: "
+                f"{reply.text[:200]!r}",
+            )
+        text = " ".join(reply.text.split()).strip("\"' ")
+        if not text:
+            return "", self.reject(sample_id, "caption_empty", f"{which} is empty")
+        return text, None
