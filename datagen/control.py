@@ -122,6 +122,13 @@ class ControlStage(Stage[ControlInput, ControlOutput]):
     def models(self) -> dict[str, ModelRef]:
         return {f"control_{self.config.kind}": self._ref} if self._ref else {}
 
+    def params(self) -> dict:
+        return {
+            "kind": self.config.kind,
+            "frame_batch": self.config.frame_batch,
+            "pose_detect_resolution": self.config.pose_detect_resolution,
+        }
+
     def _process(self, batch: list[ControlInput]) -> list[ControlOutput | Reject]:
         results: list[ControlOutput | Reject] = []
         for item in batch:

@@ -85,6 +85,9 @@ class StageActor:
     def models(self) -> dict:
         return self.stage.models()
 
+    def params(self) -> dict:
+        return self.stage.params()
+
     def ready(self) -> bool:
         return True
 
@@ -137,6 +140,11 @@ class StagePool:
         import ray
 
         return ray.get(self.actors[0].models.remote())
+
+    def params(self) -> dict:
+        import ray
+
+        return ray.get(self.actors[0].params.remote())
 
     def shutdown(self) -> None:
         import ray

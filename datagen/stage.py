@@ -133,6 +133,10 @@ class Stage(ABC, Generic[In, Out]):
         """Role -> model that produced this stage's outputs (recorded in every row)."""
         return {}
 
+    def params(self) -> dict[str, Any]:
+        """The settings that shaped this stage's outputs (recorded in the row's params)."""
+        return {}
+
     def reject(self, sample_id: str, reason: str, detail: str = "") -> Reject:
         return Reject(sample_id=sample_id, stage=self.name, reason=reason, detail=detail)
 
