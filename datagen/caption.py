@@ -40,6 +40,9 @@ class CaptionConfig(VLMConfig):
     """The VLM settings (datagen.vlm.VLMConfig) plus the caption_ns regeneration budget."""
 
     max_retries: int = 3  # caption_ns generations in all (the first included) before a reject
+    # A caption cut off at max_new_tokens is rejected. Only the tiny profile turns this off:
+    # its random-weight twin never ends a sentence, and the demo still has to produce rows.
+    accept_truncated: bool = False
 
     def __post_init__(self) -> None:
         super().__post_init__()
@@ -178,7 +181,7 @@ class CaptionStage(Stage[CaptionInput, CaptionOutput]):
         """The caption in `reply`, or the reject it amounts to."""
         if isinstance(reply, VLMRequestError):
             return "", self.reject(sample_id, reply.reason, f"{which}: {reply.detail}")
-        if reply.truncated:
+        if reply.truncated and not self.config.accept_truncated:
             return "", self.reject(
                 sample_id,
                 "caption_truncated",

@@ -360,3 +360,19 @@ def test_config_errors_never_echo_a_secret():
     with pytest.raises(ValueError) as in_url:
         CaptionConfig(backend="openai", base_url=f"https://user:{SECRET}@vlm.example.com/v1")
     assert SECRET not in str(pasted.value) and SECRET not in str(in_url.value)
+
+
+def test_accept_truncated_keeps_cut_off_captions_for_the_tiny_profile(tmp_path_factory):
+    """The tiny twin never ends a sentence; the tiny profile keeps its captions anyway."""
+    import numpy as np
+
+    from datagen.caption import CaptionConfig, CaptionInput, CaptionOutput, CaptionStage
+
+    tiny = str(tmp_path_factory.mktemp("tiny-accept"))
+    frames = np.random.default_rng(0).integers(0, 255, (5, 32, 32, 3), dtype=np.uint8)
+    sample = CaptionInput("s", frames, frames[::-1].copy(), "Ink wash", "ink wash", fps=8.0)
+    strict = CaptionStage(CaptionConfig(tiny_dir=tiny, max_new_tokens=4))
+    assert strict([sample])[0].reason == "caption_truncated"
+    lenient = CaptionStage(CaptionConfig(tiny_dir=tiny, max_new_tokens=4, accept_truncated=True))
+    (output,) = lenient([sample])
+    assert isinstance(output, CaptionOutput) and output.caption_ns and output.caption_sty
