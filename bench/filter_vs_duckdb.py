@@ -42,8 +42,7 @@ def build_dataset(path: Path, rows: int, media_bytes: int, batch: int = 1000) ->
     started = time.perf_counter()
     with ShardWriter(path, "ct") as writer:
         for start in range(0, rows, batch):
-            writer.write(synthetic_table(start, min(batch, rows - start),
-                                         media_bytes=media_bytes))
+            writer.write(synthetic_table(start, min(batch, rows - start), media_bytes=media_bytes))
     return time.perf_counter() - started
 
 
@@ -66,8 +65,9 @@ def warm_page_cache(path: Path) -> None:
 
 
 def main() -> None:
-    parser = argparse.ArgumentParser(description=__doc__,
-                                     formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser = argparse.ArgumentParser(
+        description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter
+    )
     parser.add_argument("--rows", type=int, default=20_000)
     parser.add_argument("--media-bytes", type=int, default=50_000)
     parser.add_argument("--threshold", type=float, default=0.5)
@@ -82,20 +82,23 @@ def main() -> None:
     source, ours, theirs = work / "in", work / "out-datagen", work / "out-duckdb.parquet"
     built = build_dataset(source, args.rows, args.media_bytes)
     size = sum(f.stat().st_size for f in source.glob("part-*.parquet"))
-    print(f"built {args.rows} rows ({size / 2**30:.2f} GiB, "
-          f"{len(list(source.glob('part-*.parquet')))} shards) in {built:.1f} s")
+    print(
+        f"built {args.rows} rows ({size / 2**30:.2f} GiB, "
+        f"{len(list(source.glob('part-*.parquet')))} shards) in {built:.1f} s"
+    )
     warm_page_cache(source)
 
     duckdb_script = (
         "import duckdb; duckdb.sql(\"COPY (SELECT * FROM read_parquet('"
         f"{source}/part-*.parquet') WHERE csd_score > {args.threshold}) TO '{theirs}' "
-        "(FORMAT parquet)\")"
+        '(FORMAT parquet)")'
     )
     ours_runs, theirs_runs = [], []
     for _ in range(args.repeat):
         shutil.rmtree(ours, ignore_errors=True)
-        ours_runs.append(run_measured(
-            DATAGEN + ["filter", "--csd", str(args.threshold), str(source), str(ours)]))
+        ours_runs.append(
+            run_measured(DATAGEN + ["filter", "--csd", str(args.threshold), str(source), str(ours)])
+        )
         theirs.unlink(missing_ok=True)
         theirs_runs.append(run_measured([sys.executable, "-c", duckdb_script]))
 
@@ -106,10 +109,14 @@ def main() -> None:
     theirs_time = statistics.median(t for t, _ in theirs_runs)
     ours_rss = max(r for _, r in ours_runs)
     theirs_rss = max(r for _, r in theirs_runs)
-    print(f"datagen filter : {ours_time:6.2f} s median of {args.repeat}  "
-          f"peak RSS {ours_rss:6.0f} MiB  kept {len(kept_ours)}")
-    print(f"duckdb COPY    : {theirs_time:6.2f} s median of {args.repeat}  "
-          f"peak RSS {theirs_rss:6.0f} MiB  kept {len(kept_theirs)}")
+    print(
+        f"datagen filter : {ours_time:6.2f} s median of {args.repeat}  "
+        f"peak RSS {ours_rss:6.0f} MiB  kept {len(kept_ours)}"
+    )
+    print(
+        f"duckdb COPY    : {theirs_time:6.2f} s median of {args.repeat}  "
+        f"peak RSS {theirs_rss:6.0f} MiB  kept {len(kept_theirs)}"
+    )
     print(f"same sample_ids kept: {same}")
     print(f"time ratio datagen/duckdb: {ours_time / theirs_time:.2f}  (target <= 1.0)")
     print(f"datagen peak RSS: {ours_rss:.0f} MiB  (target < 1024)")
@@ -117,11 +124,15 @@ def main() -> None:
     big = work / "dry-run-in"
     built = build_dataset(big, args.dry_run_rows, media_bytes=16, batch=100_000)
     print(f"built {args.dry_run_rows} rows with tiny media in {built:.1f} s")
-    dry_runs = [run_measured(DATAGEN + ["filter", "--csd", str(args.threshold), "--dry-run",
-                                        str(big)]) for _ in range(args.repeat)]
+    dry_runs = [
+        run_measured(DATAGEN + ["filter", "--csd", str(args.threshold), "--dry-run", str(big)])
+        for _ in range(args.repeat)
+    ]
     dry_time = statistics.median(t for t, _ in dry_runs)
-    print(f"datagen filter --dry-run over {args.dry_run_rows} indexed rows: {dry_time:.2f} s "
-          f"median of {args.repeat}, whole command  (target < 1 s)")
+    print(
+        f"datagen filter --dry-run over {args.dry_run_rows} indexed rows: {dry_time:.2f} s "
+        f"median of {args.repeat}, whole command  (target < 1 s)"
+    )
 
     if not args.keep:
         shutil.rmtree(work)

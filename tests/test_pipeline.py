@@ -1,0 +1,137 @@
+"""The build pipeline end to end on the tiny profile, with every stage in this process."""
+
+from __future__ import annotations
+
+import dataclasses
+import json
+import os
+
+import pytest
+from helpers import make_bad_corpus
+
+from datagen.pipeline import (
+    STAGE_FUNCTIONS,
+    BuildConfig,
+    BuildConfigError,
+    LocalRunner,
+    collect_provenance,
+    plan_build,
+    run_write,
+    stage_factories,
+)
+from datagen.samples import SAMPLE_CLIPS, write_samples
+from datagen.store import Dataset, list_shards, read_rejects
+from datagen.validate import validate_dataset
+from datagen.workdir import ShardWork
+
+pytestmark = pytest.mark.slow
+
+
+@pytest.fixture(scope="module")
+def sources(tmp_path_factory):
+    folder = tmp_path_factory.mktemp("sources")
+    write_samples(folder, SAMPLE_CLIPS[:4])
+    return folder
+
+
+@pytest.fixture(scope="module")
+def runners(sources, tmp_path_factory):
+    config = BuildConfig(
+        source=str(sources),
+        out=str(tmp_path_factory.mktemp("unused")),
+        tiny_dir=str(tmp_path_factory.mktemp("tiny")),
+    )
+    built = {name: LocalRunner(factory()) for name, factory in stage_factories(config).items()}
+    yield built
+    for runner in built.values():
+        runner.shutdown()
+
+
+def build(config: BuildConfig, runners) -> list:
+    plan = plan_build(config)
+    provenance = collect_provenance(runners)
+    reports = []
+    for shard in plan.shards:
+        work = ShardWork(config.work_root, shard)
+        for name in runners:
+            STAGE_FUNCTIONS[name](work, config, runners[name])
+        reports.append(run_write(work, config, provenance))
+    return plan, reports
+
+
+def test_tiny_build_writes_valid_pairs_and_a_rerun_adds_nothing(sources, runners, tmp_path):
+    config = BuildConfig(
+        source=str(sources),
+        out=str(tmp_path / "out"),
+        shard_size=3,
+        styles=("ink_wash", "watercolor"),
+        csd_threshold=-1.0,
+    )
+    plan, reports = build(config, runners)
+    assert plan.planned == 4 and len(plan.shards) == 2
+    dataset = Dataset(config.dataset_dir)
+    report = validate_dataset(dataset.path)
+    assert report.ok, [str(v) for v in report.violations]
+    assert report.rows == 4
+    row = dataset.get(dataset.index()["sample_id"][0].as_py())
+    assert row["style_id"] in ("ink_wash", "watercolor")
+    assert (row["num_frames"], row["height"], row["width"]) == (9, 64, 64)
+    assert len(row["style_refs"]) == config.k_refs
+    models = dict(row["models"])
+    for key in ("control.control_depth", "animate.wan_vace", "score.csd", "caption.caption"):
+        assert key in models, sorted(models)
+    assert models["score.csd"]["revision"].startswith("sha256:")
+    params = json.loads(row["params"])
+    assert params["animate"]["raw"]["seed"] == params["animate"]["stylized"]["seed"] == row["seed"]
+    assert not any(config.work_root.iterdir()), "work files go once a shard is committed"
+
+    shards_before = list_shards(config.dataset_dir)
+    again, _ = build(config, runners)
+    assert again.skipped_committed == 4 and again.shards == []
+    assert list_shards(config.dataset_dir) == shards_before
+
+
+def test_bad_sources_and_the_ct_filter_become_rejects_and_are_not_redone(
+    sources, runners, tmp_path
+):
+    mixed = tmp_path / "mixed"
+    corpus = make_bad_corpus(mixed)
+    (mixed / "good.mp4").symlink_to(sources / f"{SAMPLE_CLIPS[0].name}.mp4")
+    config = BuildConfig(source=str(mixed), out=str(tmp_path / "out"), csd_threshold=0.999)
+    plan, reports = build(config, runners)
+    rejects = read_rejects(config.dataset_dir).to_pylist()
+    by_stage = {(r["stage"], r["reason"]) for r in rejects}
+    assert ("plan", "not_a_video") in by_stage and ("plan", "corrupt_video") in by_stage
+    assert ("filter", "csd_below_threshold") in by_stage, "tiny CSD scores are below 0.999"
+    assert not list_shards(config.dataset_dir)
+    planned_sources = len([p for p in corpus.values()]) + 1
+    assert plan.planned + plan.plan_rejects >= planned_sources - 1
+    again, _ = build(config, runners)
+    assert again.shards == [] and again.skipped_rejected == plan.planned
+    assert len(read_rejects(config.dataset_dir)) == len(rejects), "nothing recorded twice"
+
+
+def test_bad_parameters_fail_before_any_work(sources, tmp_path):
+    base = {"source": str(sources), "out": str(tmp_path / "out")}
+    cases = [
+        ({"styles": ("not_a_style",)}, "unknown style 'not_a_style'"),
+        ({"limit": -1}, "limit must be >= 0"),
+        ({"source": str(tmp_path / "missing")}, "does not exist"),
+        ({"num_frames": 10}, "4k\\+1"),
+        ({"csd_threshold": 2.0}, "csd_threshold"),
+        ({"require_vlm_pass": True}, "needs vlm_judge"),
+    ]
+    for change, message in cases:
+        with pytest.raises(BuildConfigError, match=message):
+            BuildConfig(**(base | change))
+    blocker = tmp_path / "a-file"
+    blocker.write_text("not a directory")
+    with pytest.raises(BuildConfigError, match="is not a directory"):
+        BuildConfig(**(base | {"out": str(blocker / "out")}))
+    assert not (tmp_path / "out").exists()
+
+
+def test_work_dir_is_keyed_by_the_parameters(sources, tmp_path):
+    one = BuildConfig(source=str(sources), out=str(tmp_path))
+    assert one.work_root == BuildConfig(source=str(sources), out=str(tmp_path)).work_root
+    assert one.work_root != dataclasses.replace(one, seed=1).work_root
