@@ -213,6 +213,81 @@ def validate_command(
         raise typer.Exit(1)
 
 
+@app.command("samples")
+def samples_command(
+    directory: Path = typer.Argument(..., metavar="DIR", help="Where to write the clips."),
+) -> None:
+    """Make the demo source clips offline: camera pans and zooms over scikit-image's photos."""
+    from datagen.samples import write_samples
+
+    with _user_errors():
+        paths = write_samples(directory)
+    for path in paths:
+        say(str(path))
+
+
+def _load_flow(split: str):
+    """The flow object of flows/build_<split>.py (the same file the deployments run)."""
+    import importlib.util
+
+    from datagen.resources import resource_dir
+
+    path = resource_dir("flows") / f"build_{split}.py"
+    spec = importlib.util.spec_from_file_location(f"datagen_flows_build_{split}", path)
+    module = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(module)
+    return getattr(module, f"build_{split}")
+
+
+@app.command("build")
+def build_command(
+    split: str = typer.Argument(..., metavar="ct|sft", help="Which tier to build."),
+    source: Path = typer.Option(..., "--source", help="Directory, video file or .txt list."),
+    out: Path = typer.Option(..., "--out", help="Output root; rows go to OUT/<split>."),
+    styles: list[str] = typer.Option(None, "--style", help="Style ids (repeat); default all."),
+    limit: int = typer.Option(None, "--limit", min=0, help="At most this many samples."),
+    clips_per_video: int = typer.Option(1, "--clips-per-video", min=1),
+    shard_size: int = typer.Option(8, "--shard-size", min=1),
+    profile: str = typer.Option("tiny", "--profile", help="tiny | production"),
+    seed: int = typer.Option(0, "--seed"),
+    k_refs: int = typer.Option(3, "--k", min=0, max=16, help="Style references per sample."),
+    csd_threshold: float = typer.Option(
+        0.5, "--csd", min=-1.0, max=1.0, help="CT keeps csd_score > this."
+    ),
+    vlm_judge: bool = typer.Option(False, "--vlm-judge", help="Run the VLM judge."),
+    use_ray: bool = typer.Option(True, "--ray/--no-ray", help="Models in Ray actors."),
+) -> None:
+    """Run the build-ct or build-sft flow directly (a temporary local Prefect server when
+    PREFECT_API_URL is not set), for users without a Prefect server."""
+    if split not in ("ct", "sft"):
+        _fail(f"split must be ct or sft, got {split!r}", code=2)
+    from datagen.pipeline import BuildConfigError
+
+    parameters = dict(
+        source=str(source),
+        out=str(out),
+        styles=styles or None,
+        limit=limit,
+        clips_per_video=clips_per_video,
+        shard_size=shard_size,
+        profile=profile,
+        seed=seed,
+        k_refs=k_refs,
+        vlm_judge=vlm_judge,
+        use_ray=use_ray,
+    )
+    if split == "ct":
+        parameters["csd_threshold"] = csd_threshold
+    try:
+        summary = _load_flow(split)(**parameters)
+    except BuildConfigError as error:
+        _fail(str(error))
+    say(
+        f"{summary['written']} pairs written to {summary['out']} "
+        f"({summary['rejected']} rejected, {summary['filtered']} filtered out)"
+    )
+
+
 models_app = typer.Typer(
     help="Model weights: build tiny twins, check production weights.", no_args_is_help=True
 )

@@ -1,4 +1,4 @@
-"""Where the data files that ship with datagen live (schemas/, prompts/).
+"""Where the files that ship with datagen live (schemas/, prompts/, flows/).
 
 In a wheel they are packed under datagen/_data/; in an editable install (the usual way to work on
 datagen) they are read from the repository's top-level folders.
@@ -12,7 +12,7 @@ _PACKAGE = Path(__file__).resolve().parent
 
 
 def resource_dir(name: str) -> Path:
-    """The directory of the shipped resource folder `name` ('schemas' or 'prompts')."""
+    """The directory of the shipped resource folder `name` (schemas, prompts, flows)."""
     for candidate in (_PACKAGE / "_data" / name, _PACKAGE.parent / name):
         if candidate.is_dir():
             return candidate
