@@ -190,6 +190,7 @@ def run_build(config: BuildConfig, use_ray: bool = True) -> dict:
     stage_reports: list[dict] = []
     write_reports: list[dict] = []
     with stage_runners(config, use_ray) as runners:
+        startup = time.perf_counter() - started  # plan + actors started + models loaded
         _RUNNERS[run_key] = runners
         try:
             provenance = collect_provenance(runners)
@@ -228,6 +229,7 @@ def run_build(config: BuildConfig, use_ray: bool = True) -> dict:
         config, plan, stage_reports, write_reports, stats, time.perf_counter() - started
     )
     summary["failed_shards"] = failed
+    summary["startup_s"] = round(startup, 2)
     publish_artifacts(config, summary, write_reports)
     if failed:
         raise RuntimeError(
