@@ -36,6 +36,7 @@ from datagen.pipeline import (
     stage_factories,
 )
 from datagen.stage import Resources
+from datagen.store import DatasetLock
 from datagen.workdir import ShardWork
 
 # Runners of the builds running in this process, by run key. Tasks run in threads of the flow
@@ -174,6 +175,11 @@ def write_task(shard: str, config: BuildConfig, provenance: dict) -> dict:
 
 def run_build(config: BuildConfig, use_ray: bool = True) -> dict:
     """The body of the build-ct and build-sft flows (see flows/)."""
+    with DatasetLock(config.dataset_dir, purpose=f"build-{config.split}"):
+        return _run_build_locked(config, use_ray)
+
+
+def _run_build_locked(config: BuildConfig, use_ray: bool) -> dict:
     logger = get_run_logger()
     started = time.perf_counter()
     plan = plan_task(config)

@@ -106,6 +106,7 @@ class BuildConfig:
     caption_model: str | None = None
     stylize_backend: str = "sdxl"
     stylize_url: str | None = None
+    stage_timeout_s: float = 3600.0  # a stage call slower than this is hung: its samples reject
 
     def __post_init__(self) -> None:
         problems = []
@@ -128,6 +129,8 @@ class BuildConfig:
             problems.append(f"csd_threshold must be in [-1, 1], got {self.csd_threshold}")
         if self.require_vlm_pass and not self.vlm_judge:
             problems.append("require_vlm_pass needs vlm_judge")
+        if not self.stage_timeout_s > 0:
+            problems.append(f"stage_timeout_s must be > 0, got {self.stage_timeout_s}")
         if not 0 <= self.crf <= 51:
             problems.append(f"crf must be in [0, 51], got {self.crf}")
         if self.profile in PROFILE_DEFAULTS:

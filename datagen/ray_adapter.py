@@ -10,12 +10,13 @@ options here and nowhere else.
 
 from __future__ import annotations
 
+import contextlib
 import os
 from collections import deque
 from collections.abc import Callable, Iterable, Iterator
 from typing import Any
 
-from datagen.stage import Resources, Stage, StageStats
+from datagen.stage import Reject, Resources, Stage, StageStats
 
 # A small machine's object store: Ray's default is 30% of RAM in /dev/shm.
 DEFAULT_OBJECT_STORE_BYTES = 1 * 2**30
@@ -93,7 +94,13 @@ class StageActor:
 
 
 class StagePool:
-    """A stage's actors and an ordered, backpressured `map` over batches."""
+    """A stage's actors and an ordered, backpressured `map` over batches.
+
+    Failure handling: an actor that dies mid-batch is replaced (its model loads again) and the
+    batch retried once; a second death of the same batch raises, for Prefect's task retry. A
+    call that exceeds `call_timeout_s` is a hung call: the actor is killed and replaced, and
+    the batch's samples come back as rejects with reason `stage_timeout`.
+    """
 
     def __init__(
         self,
@@ -102,6 +109,8 @@ class StagePool:
         size: int = 1,
         max_in_flight: int | None = None,
         torch_threads: int | None = None,
+        call_timeout_s: float | None = None,
+        name: str | None = None,
     ):
         import ray
 
@@ -111,25 +120,72 @@ class StagePool:
         self.max_in_flight = max_in_flight or 2 * size
         if self.max_in_flight < 1:
             raise ValueError("max_in_flight must be >= 1")
-        remote_class = ray.remote(StageActor).options(**ray_options(resources))
-        self.actors = [remote_class.remote(factory, torch_threads) for _ in range(size)]
+        if call_timeout_s is not None and call_timeout_s <= 0:
+            raise ValueError("call_timeout_s must be > 0")
+        self.call_timeout_s = call_timeout_s
+        self.name = name or getattr(factory, "name", "stage")
+        self._remote_class = ray.remote(StageActor).options(**ray_options(resources))
+        self._factory, self._torch_threads = factory, torch_threads
+        self.actors = [self._start_actor() for _ in range(size)]
         ray.get([actor.ready.remote() for actor in self.actors])  # models are loaded now
+        self.replacements = 0
         self._next = 0
+
+    def _start_actor(self):
+        return self._remote_class.remote(self._factory, self._torch_threads)
+
+    def _replace(self, index: int, failed) -> None:
+        """Replace the actor at `index` if it is still the one that failed."""
+        import ray
+
+        if self.actors[index] is not failed:
+            return
+        with contextlib.suppress(Exception):
+            ray.kill(self.actors[index])
+        self.actors[index] = self._start_actor()
+        ray.get(self.actors[index].ready.remote())
+        self.replacements += 1
 
     def map(self, batches: Iterable[list]) -> Iterator[list]:
         """Process batches on the actors, yielding results in input order; at most
         `max_in_flight` batches are submitted but not yet consumed."""
-        import ray
-
         pending: deque = deque()
         for batch in batches:
             if len(pending) >= self.max_in_flight:
-                yield ray.get(pending.popleft())
-            actor = self.actors[self._next % self.size]
+                yield self._collect(*pending.popleft())
+            index = self._next % self.size
             self._next += 1
-            pending.append(actor.process.remote(batch))
+            actor = self.actors[index]
+            pending.append((batch, index, actor, actor.process.remote(batch)))
         while pending:
-            yield ray.get(pending.popleft())
+            yield self._collect(*pending.popleft())
+
+    def _collect(self, batch: list, index: int, actor, ref) -> list:
+        import ray
+        from ray.exceptions import GetTimeoutError, RayActorError
+
+        for attempt in (1, 2):
+            try:
+                return ray.get(ref, timeout=self.call_timeout_s)
+            except GetTimeoutError:
+                self._replace(index, actor)
+                return [
+                    Reject(
+                        getattr(item, "sample_id", repr(item)),
+                        self.name,
+                        "stage_timeout",
+                        f"no answer within {self.call_timeout_s:g} s",
+                    )
+                    for item in batch
+                ]
+            except RayActorError:
+                # batches queued on the same dead actor find it replaced already
+                self._replace(index, actor)
+                if attempt == 2:
+                    raise
+                actor = self.actors[index]
+                ref = actor.process.remote(batch)
+        raise AssertionError("unreachable")
 
     def stats(self) -> list[StageStats]:
         import ray

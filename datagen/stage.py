@@ -99,7 +99,7 @@ class Stage(ABC, Generic[In, Out]):
         """Process a batch; one result per input, in order: an output or a Reject."""
         self.setup()
         started = time.perf_counter()
-        results = self._process(list(batch))
+        results = self._process_within_memory(list(batch))
         if len(results) != len(batch):
             raise RuntimeError(
                 f"{self.name}: returned {len(results)} results for {len(batch)} inputs"
@@ -109,6 +109,28 @@ class Stage(ABC, Generic[In, Out]):
         self.stats.samples += len(batch)
         self.stats.rejects += sum(isinstance(r, Reject) for r in results)
         return results
+
+    def _process_within_memory(self, batch: list[In]) -> list[Out | Reject]:
+        """Run a batch; on an out-of-memory error, free memory and retry it in two halves,
+        down to single samples, which are then rejected with reason `out_of_memory`."""
+        try:
+            return self._process(batch)
+        except Exception as error:
+            if not is_out_of_memory(error):
+                raise
+            release_accelerator_memory()
+            self.stats.extra["oom_splits"] = self.stats.extra.get("oom_splits", 0) + 1
+            if len(batch) == 1:
+                sample_id = getattr(batch[0], "sample_id", repr(batch[0]))
+                return [
+                    self.reject(
+                        sample_id, "out_of_memory", f"out of memory even alone: {str(error)[:200]}"
+                    )
+                ]
+            half = len(batch) // 2
+            return self._process_within_memory(batch[:half]) + self._process_within_memory(
+                batch[half:]
+            )
 
     def teardown(self) -> None:
         """Release the model(s) (and GPU memory)."""
@@ -139,6 +161,13 @@ class Stage(ABC, Generic[In, Out]):
 
     def reject(self, sample_id: str, reason: str, detail: str = "") -> Reject:
         return Reject(sample_id=sample_id, stage=self.name, reason=reason, detail=detail)
+
+
+def is_out_of_memory(error: BaseException) -> bool:
+    """A CUDA (or other accelerator) out-of-memory error, whatever class the library raised."""
+    if type(error).__name__ == "OutOfMemoryError":  # torch.cuda.OutOfMemoryError and kin
+        return True
+    return isinstance(error, RuntimeError) and "out of memory" in str(error).lower()
 
 
 def release_accelerator_memory() -> None:

@@ -66,6 +66,67 @@ class DatasetError(Exception):
     """A path is not a usable datagen dataset (missing, empty, corrupt, mixed)."""
 
 
+class DatasetLockedError(DatasetError):
+    """Another run holds the dataset's writer lock."""
+
+
+LOCK_FILE = ".datagen.lock"
+
+
+class DatasetLock:
+    """Exclusive writer lock of a dataset directory, held for a whole build run.
+
+    An advisory `flock` on a hidden file: released by the kernel when the holder exits, so a
+    killed run never leaves a stale lock. The file records who holds it, for the message the
+    second run gets.
+    """
+
+    def __init__(self, dataset_dir: str | os.PathLike, purpose: str = "build"):
+        self.path = Path(dataset_dir) / LOCK_FILE
+        self.purpose = purpose
+        self._handle = None
+
+    def acquire(self) -> DatasetLock:
+        import fcntl
+        import socket
+
+        self.path.parent.mkdir(parents=True, exist_ok=True)
+        handle = open(self.path, "a+")  # noqa: SIM115 - held open for the lock's lifetime
+        try:
+            fcntl.flock(handle, fcntl.LOCK_EX | fcntl.LOCK_NB)
+        except BlockingIOError:
+            handle.seek(0)
+            holder = handle.read().strip() or "unknown holder"
+            handle.close()
+            raise DatasetLockedError(
+                f"{self.path.parent} is being written by another run ({holder}); wait for it "
+                "to finish or write to another output directory"
+            ) from None
+        handle.seek(0)
+        handle.truncate()
+        handle.write(
+            f"{self.purpose} pid {os.getpid()} on {socket.gethostname()} since "
+            f"{time.strftime('%Y-%m-%dT%H:%M:%SZ', time.gmtime())}"
+        )
+        handle.flush()
+        self._handle = handle
+        return self
+
+    def release(self) -> None:
+        if self._handle is not None:
+            import fcntl
+
+            fcntl.flock(self._handle, fcntl.LOCK_UN)
+            self._handle.close()
+            self._handle = None
+
+    def __enter__(self) -> DatasetLock:
+        return self.acquire()
+
+    def __exit__(self, *exc) -> None:
+        self.release()
+
+
 @dataclass(frozen=True)
 class ShardLimits:
     """Bounds of one shard and of one row group (video columns make rows large)."""

@@ -75,3 +75,92 @@ def test_backpressure_bounds_batches_in_flight(ray_local):
         assert len(submitted) - consumed <= 2
     assert consumed == 6
     pool.shutdown()
+
+
+class FragileStage(Stage):
+    """Dies (the whole worker process) the first time it sees 'die', hangs on 'hang'."""
+
+    name = "fragile"
+
+    def __init__(self, marker: str):
+        super().__init__(Resources(num_cpus=0.25))
+        self.marker = marker
+
+    def _load(self) -> None:
+        self.model = str.upper
+
+    def _process(self, batch):
+        import os
+
+        if "die" in batch and not os.path.exists(self.marker):
+            open(self.marker, "w").close()
+            os._exit(1)
+        if "hang" in batch:
+            time.sleep(3600)
+        return [self.model(x) for x in batch]
+
+
+class FragileFactory:
+    def __init__(self, marker: str):
+        self.marker = marker
+
+    def __call__(self):
+        return FragileStage(self.marker)
+
+
+def test_a_dead_actor_is_replaced_and_its_batch_retried_once(ray_local, tmp_path):
+    pool = StagePool(
+        FragileFactory(str(tmp_path / "died")), Resources(num_cpus=0.25), name="fragile"
+    )
+    results = list(pool.map([["a"], ["die", "b"], ["c"]]))
+    assert results == [["A"], ["DIE", "B"], ["C"]]
+    assert pool.replacements == 1 and (tmp_path / "died").exists()
+    pool.shutdown()
+
+
+def test_a_hung_call_times_out_into_rejects_and_the_pool_goes_on(ray_local, tmp_path):
+    pool = StagePool(
+        FragileFactory(str(tmp_path / "m")),
+        Resources(num_cpus=0.25),
+        call_timeout_s=3,
+        name="fragile",
+    )
+    first, second = list(pool.map([["hang", "x"], ["y"]]))
+    assert [r.reason for r in first] == ["stage_timeout", "stage_timeout"]
+    assert all(isinstance(r, Reject) and r.stage == "fragile" for r in first)
+    assert second == ["Y"]
+    pool.shutdown()
+
+
+class MemoryHungryStage(Stage):
+    """Runs out of (simulated) accelerator memory on batches of more than two samples, and
+    always on a sample named 'huge'."""
+
+    name = "hungry"
+
+    def _load(self) -> None:
+        self.model = len
+
+    def _process(self, batch):
+        import torch
+
+        if len(batch) > 2 or "huge" in batch:
+            raise torch.cuda.OutOfMemoryError("CUDA out of memory. Tried to allocate 2.00 GiB")
+        return [self.model(x) for x in batch]
+
+
+def test_out_of_memory_retries_smaller_batches_then_rejects():
+    stage = MemoryHungryStage()
+    results = stage(["a", "bb", "ccc", "huge", "eeeee"])
+    assert results[:3] == [1, 2, 3] and results[4] == 5
+    assert isinstance(results[3], Reject) and results[3].reason == "out_of_memory"
+    assert stage.stats.extra["oom_splits"] >= 2
+
+
+def test_other_errors_are_not_mistaken_for_memory_errors():
+    class Broken(MemoryHungryStage):
+        def _process(self, batch):
+            raise ValueError("a bug")
+
+    with pytest.raises(ValueError, match="a bug"):
+        Broken()(["a"])

@@ -220,3 +220,27 @@ def test_corrupt_foreign_and_mixed_shards_are_refused(tmp_path, dataset):
     with pytest.raises(DatasetError, match="holds (ct|sft) rows but"):
         for shard in mixed.shards:
             mixed.open_shard(shard)
+
+
+def test_a_second_writer_is_refused_by_the_lock_with_the_holder_named(tmp_path):
+    from datagen.store import DatasetLock, DatasetLockedError
+
+    code = (
+        "import sys, time\n"
+        "from datagen.store import DatasetLock\n"
+        "with DatasetLock(sys.argv[1], purpose='build-ct'):\n"
+        "    print('locked', flush=True)\n"
+        "    time.sleep(60)\n"
+    )
+    holder = subprocess.Popen([sys.executable, "-c", code, str(tmp_path / "ct")],
+                              stdout=subprocess.PIPE, text=True)
+    try:
+        assert holder.stdout.readline().strip() == "locked"
+        with pytest.raises(DatasetLockedError, match=rf"build-ct pid {holder.pid} on .* since"):
+            DatasetLock(tmp_path / "ct").acquire()
+    finally:
+        holder.kill()
+        holder.wait()
+    # a killed holder leaves no stale lock
+    with DatasetLock(tmp_path / "ct"):
+        pass
