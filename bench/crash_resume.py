@@ -1,0 +1,203 @@
+"""Crash and resume: kill -9 the build at random points, rerun, and audit the output.
+
+Each round starts `datagen build ct` (the real flow, in its own process group) on the demo
+clips, kills the whole group with SIGKILL after a random delay (anywhere from planning to
+writing shards), and audits the output for consistency (no duplicate, no sample both committed
+and rejected, no unreadable visible shard, index matching the shards). A final run completes the
+build and the audit checks that every planned sample is in exactly one shard or the rejects.
+With `--kill-actor`, one more run on Ray has a stage actor killed mid-run and must complete.
+
+    python bench/crash_resume.py --kills 50
+"""
+
+from __future__ import annotations
+
+import argparse
+import contextlib
+import os
+import random
+import signal
+import subprocess
+import sys
+import tempfile
+import time
+from pathlib import Path
+
+ROOT = Path(__file__).resolve().parent.parent
+sys.path.insert(0, str(ROOT))
+
+from datagen.audit import audit_build  # noqa: E402
+from datagen.pipeline import BuildConfig  # noqa: E402
+from datagen.samples import SAMPLE_CLIPS, write_samples  # noqa: E402
+
+STYLES = ("ink_wash", "watercolor")
+
+
+def build_command(source: Path, out: Path, limit: int, ray: bool) -> list[str]:
+    command = [
+        sys.executable,
+        "-m",
+        "datagen.cli",
+        "build",
+        "ct",
+        "--source",
+        str(source),
+        "--out",
+        str(out),
+        "--limit",
+        str(limit),
+        "--clips-per-video",
+        "2",
+        "--shard-size",
+        "2",
+        "--csd",
+        "-1",
+    ]
+    for style in STYLES:
+        command += ["--style", style]
+    return command + (["--ray"] if ray else ["--no-ray"])
+
+
+def environment(work: Path) -> dict:
+    return os.environ | {
+        "PREFECT_HOME": str(work / "prefect"),
+        "PREFECT_SERVER_ANALYTICS_ENABLED": "false",
+        "RAY_USAGE_STATS_ENABLED": "0",
+        "DATAGEN_TINY_MODELS": str(work / "tiny"),
+        "PREFECT_API_URL": "",
+    }
+
+
+def kill_group(process: subprocess.Popen) -> None:
+    with contextlib.suppress(ProcessLookupError):
+        os.killpg(process.pid, signal.SIGKILL)
+    process.wait()
+
+
+def run_harness(
+    kills: int,
+    work: Path,
+    seed: int = 0,
+    limit: int = 6,
+    max_delay_s: float = 40.0,
+    kill_actor: bool = False,
+    log=print,
+) -> dict:
+    """Run the crash/resume rounds; return counts and the final audit (raises on a problem)."""
+    rng = random.Random(seed)
+    source, out = work / "sources", work / "out"
+    write_samples(source, SAMPLE_CLIPS[:3])
+    env = environment(work)
+    config = BuildConfig(
+        source=str(source),
+        out=str(out),
+        limit=limit,
+        clips_per_video=2,
+        shard_size=2,
+        csd_threshold=-1.0,
+        styles=STYLES,
+    )
+    survived, finished_early = 0, 0
+    for round_number in range(kills):
+        delay = rng.uniform(1.0, max_delay_s)
+        process = subprocess.Popen(
+            build_command(source, out, limit, ray=False),
+            env=env,
+            stdout=subprocess.DEVNULL,
+            stderr=subprocess.DEVNULL,
+            start_new_session=True,
+        )
+        try:
+            process.wait(timeout=delay)
+            finished_early += 1  # the build finished before the kill came
+        except subprocess.TimeoutExpired:
+            kill_group(process)
+        audit = audit_build(config, complete=False)
+        if not audit.ok:
+            raise AssertionError(f"after kill {round_number} at {delay:.1f} s: {audit.problems}")
+        survived += 1
+        log(
+            f"kill {round_number + 1}/{kills} at {delay:5.1f} s: consistent "
+            f"({audit.committed} committed, {audit.rejected} rejected so far)"
+        )
+    if kill_actor:
+        kill_an_actor_mid_run(source, out, limit, env, log)
+    final = subprocess.run(
+        build_command(source, out, limit, ray=False), env=env, capture_output=True, text=True
+    )
+    if final.returncode != 0:
+        raise AssertionError(f"the final run failed: {final.stderr[-2000:]}")
+    audit = audit_build(config, complete=True)
+    if not audit.ok:
+        raise AssertionError(f"after the final run: {audit.problems}")
+    log(
+        f"final: {audit.planned} planned = {audit.committed} committed + {audit.rejected} "
+        f"rejected; {survived} kill points survived ({finished_early} runs finished first)"
+    )
+    return {
+        "kills": survived,
+        "finished_before_kill": finished_early,
+        "planned": audit.planned,
+        "committed": audit.committed,
+        "rejected": audit.rejected,
+    }
+
+
+def kill_an_actor_mid_run(source: Path, out: Path, limit: int, env: dict, log) -> None:
+    """Start a Ray build, SIGKILL one stage actor while it works; the run must complete."""
+    import psutil
+
+    process = subprocess.Popen(
+        build_command(source, out, limit + 2, ray=True),
+        env=env,
+        stdout=subprocess.DEVNULL,
+        stderr=subprocess.DEVNULL,
+        start_new_session=True,
+    )
+    victim = None
+    deadline = time.monotonic() + 300
+    while victim is None and time.monotonic() < deadline and process.poll() is None:
+        time.sleep(1.0)
+        for child in psutil.Process(process.pid).children(recursive=True):
+            try:
+                if "StageActor" in " ".join(child.cmdline()) and child.cpu_percent(0.2) > 5:
+                    victim = child
+                    break
+            except psutil.Error:
+                continue
+    if victim is not None:
+        victim.kill()
+        log(f"killed stage actor pid {victim.pid} mid-run")
+    try:
+        code = process.wait(timeout=900)
+    finally:
+        kill_group(process)
+    if code != 0:
+        raise AssertionError(f"the Ray run with a killed actor exited {code}")
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(
+        description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter
+    )
+    parser.add_argument("--kills", type=int, default=50)
+    parser.add_argument("--seed", type=int, default=0)
+    parser.add_argument("--limit", type=int, default=6)
+    parser.add_argument("--max-delay", type=float, default=40.0)
+    parser.add_argument("--kill-actor", action="store_true")
+    args = parser.parse_args()
+    with tempfile.TemporaryDirectory(prefix="datagen-crash-") as folder:
+        started = time.perf_counter()
+        result = run_harness(
+            args.kills,
+            Path(folder),
+            seed=args.seed,
+            limit=args.limit,
+            max_delay_s=args.max_delay,
+            kill_actor=args.kill_actor,
+        )
+        print(f"{result} in {time.perf_counter() - started:.0f} s")
+
+
+if __name__ == "__main__":
+    main()
