@@ -286,6 +286,10 @@ class ShardWriter:
         table = conform(table, self.schema)
         if table.num_rows == 0:
             return
+        with self._failures_leave_the_dataset_as_it_was():
+            self._write_rows(table)
+
+    def _write_rows(self, table: pa.Table) -> None:
         sizes = row_sizes(table)
         start, segment_bytes = 0, 0  # rows [start, i) are accepted but not yet buffered
         for i, size in enumerate(sizes):
@@ -308,11 +312,26 @@ class ShardWriter:
         """Commit the last shard, compact this run's index files; return committed shard names."""
         if self._closed:
             return self.committed_shards
-        self._flush_row_group()
-        self._commit_shard()
-        self._closed = True
-        compact_index(self.dataset_dir, only=self.committed_shards, name=f"run-{self.run_id}")
+        with self._failures_leave_the_dataset_as_it_was():
+            self._flush_row_group()
+            self._commit_shard()
+            self._closed = True
+            compact_index(self.dataset_dir, only=self.committed_shards, name=f"run-{self.run_id}")
         return self.committed_shards
+
+    @contextlib.contextmanager
+    def _failures_leave_the_dataset_as_it_was(self):
+        """A failed write (disk full, read-only, I/O error) discards the shard being filled and
+        says so; shards committed before stay as they were."""
+        try:
+            yield
+        except OSError as error:
+            self.abort()
+            raise DatasetError(
+                f"{self.dataset_dir}: writing a shard failed ({error.strerror or error}); the "
+                f"shard being written was discarded, the {len(self.committed_shards)} shard(s) "
+                "this writer committed before and all earlier data are intact"
+            ) from error
 
     def abort(self) -> None:
         """Discard the shard being filled; committed shards stay."""
