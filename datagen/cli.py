@@ -15,6 +15,7 @@ from rich.console import Console
 from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, TimeElapsedColumn
 
 from datagen import __version__
+from datagen.review_cli import review_app
 
 app = typer.Typer(
     name="datagen",
@@ -292,6 +293,7 @@ models_app = typer.Typer(
     help="Model weights: build tiny twins, check production weights.", no_args_is_help=True
 )
 app.add_typer(models_app, name="models")
+app.add_typer(review_app, name="review")
 
 
 @models_app.command("tiny")

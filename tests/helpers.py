@@ -75,12 +75,87 @@ def make_bad_corpus(folder: Path) -> dict[str, tuple[Path, str]]:
     whole = write_video(folder / "whole.mp4", good).read_bytes()
     (folder / "truncated.mp4").write_bytes(whole[: len(whole) // 2])
     corpus["truncated"] = (folder / "truncated.mp4", "corrupt_video")
-    corpus["audio_only"] = (write_audio_only(folder / "audio_only.m4a"), "no_video_stream")
-    Image.fromarray(good[0]).save(folder / "still.png")
-    corpus["still_image"] = (folder / "still.png", "not_a_video")
+    corpus["audio_only"] = (write_audio_only(folder / "audio_only.mp4"), "no_video_stream")
+    Image.fromarray(good[0]).save(folder / "still_image.mp4", format="PNG")
+    corpus["still_image"] = (folder / "still_image.mp4", "not_a_video")
     corpus["one_frame"] = (write_video(folder / "one_frame.mp4", good[:1]), "too_few_frames")
     corpus["tiny_odd"] = (
         write_video(folder / "tiny_odd.mp4", moving_frames(12, 17, 33), pix_fmt="yuv444p"),
         "unsupported_dimensions",
     )
     return corpus
+
+
+def write_rotated(path: Path, frames: np.ndarray, ccw_degrees: int) -> Path:
+    with av.open(str(path), mode="w") as container:
+        stream = container.add_stream("libx264", rate=16)
+        stream.height, stream.width = frames.shape[1:3]
+        stream.pix_fmt = "yuv420p"
+        stream.set_display_rotation(ccw_degrees)
+        for frame in frames:
+            container.mux(stream.encode(av.VideoFrame.from_ndarray(frame, format="rgb24")))
+        container.mux(stream.encode())
+    return path
+
+
+def write_variable_rate(path: Path, frames: np.ndarray) -> Path:
+    """Matroska with irregular frame timestamps (alternating 20 ms and 50 ms)."""
+    with av.open(str(path), mode="w") as container:
+        stream = container.add_stream("libx264", rate=30)
+        stream.height, stream.width = frames.shape[1:3]
+        stream.pix_fmt = "yuv420p"
+        stream.codec_context.time_base = Fraction(1, 1000)
+        pts = 0
+        for i, frame in enumerate(frames):
+            video_frame = av.VideoFrame.from_ndarray(frame, format="rgb24")
+            video_frame.pts, video_frame.time_base = pts, Fraction(1, 1000)
+            pts += 20 if i % 2 else 50
+            container.mux(stream.encode(video_frame))
+        container.mux(stream.encode())
+    return path
+
+
+def make_hostile_sources(folder: Path) -> dict[str, str | None]:
+    """Good and bad sources side by side: file name -> expected reject reason (None: must
+    become a pair). Covers the bad-input list of the reliability issue."""
+    import os
+
+    expected: dict[str, str | None] = {}
+    for name, (path, reason) in make_bad_corpus(folder).items():
+        if name != "whole":
+            expected[path.name] = reason
+    (folder / "whole.mp4").unlink()
+    expected["short.mp4"] = "too_few_frames"
+    write_video(folder / "short.mp4", moving_frames(6, 64, 96))  # shorter than the clip
+    corrupt = bytearray(
+        write_video(
+            folder / "c.mp4", moving_frames(40, 64, 96), faststart=True, crf=20
+        ).read_bytes()
+    )
+    start = len(corrupt) // 4  # past the header, inside the frames the clip needs
+    for k in range(start, start + 400, 7):
+        corrupt[k] ^= 0xFF  # broken packets mid-stream
+    (folder / "c.mp4").unlink()
+    (folder / "corrupt_mid_stream.mp4").write_bytes(bytes(corrupt))
+    expected["corrupt_mid_stream.mp4"] = "corrupt_video"
+    # good ones, each odd in its own way
+    write_video(folder / "uhd_4k.mp4", moving_frames(20, 2160, 3840), crf=30)
+    write_video(folder / "portrait.mp4", moving_frames(20, 160, 96))
+    write_rotated(folder / "rotated.mp4", moving_frames(20, 96, 128), -90)
+    write_video(folder / "ten_bit.mp4", moving_frames(20, 64, 96), pix_fmt="yuv420p10le")
+    write_variable_rate(folder / "variable_rate.mkv", moving_frames(40, 64, 96))
+    write_video(folder / "odd_but_large.mp4", moving_frames(20, 99, 131), pix_fmt="yuv444p")
+    non_utf8 = os.fsdecode(b"caf\xe9-latin1.mp4")
+    write_video(folder / non_utf8, moving_frames(20, 64, 96))
+    for name in (
+        "uhd_4k.mp4",
+        "portrait.mp4",
+        "rotated.mp4",
+        "ten_bit.mp4",
+        "variable_rate.mkv",
+        "odd_but_large.mp4",
+        non_utf8,
+    ):
+        expected[name] = None
+    os.symlink(folder, folder / "loop")  # a symlink loop: not followed, not an error
+    return expected

@@ -232,8 +232,9 @@ def test_a_second_writer_is_refused_by_the_lock_with_the_holder_named(tmp_path):
         "    print('locked', flush=True)\n"
         "    time.sleep(60)\n"
     )
-    holder = subprocess.Popen([sys.executable, "-c", code, str(tmp_path / "ct")],
-                              stdout=subprocess.PIPE, text=True)
+    holder = subprocess.Popen(
+        [sys.executable, "-c", code, str(tmp_path / "ct")], stdout=subprocess.PIPE, text=True
+    )
     try:
         assert holder.stdout.readline().strip() == "locked"
         with pytest.raises(DatasetLockedError, match=rf"build-ct pid {holder.pid} on .* since"):
