@@ -22,6 +22,7 @@ import shutil
 import statistics
 import subprocess
 import sys
+import tempfile
 import time
 from pathlib import Path
 
@@ -48,12 +49,15 @@ def build_dataset(path: Path, rows: int, media_bytes: int, batch: int = 1000) ->
 
 def run_measured(command: list[str]) -> tuple[float, float]:
     """Run a command; return (wall seconds, peak RSS MiB of that child)."""
-    started = time.perf_counter()
-    process = subprocess.Popen(command, stdout=subprocess.DEVNULL, stderr=subprocess.PIPE)
-    _, status, usage = os.wait4(process.pid, 0)
-    elapsed = time.perf_counter() - started
-    if os.waitstatus_to_exitcode(status) != 0:
-        raise SystemExit(f"{command} failed: {process.stderr.read().decode()}")
+    # stderr goes to a file: an unread pipe fills up and blocks the child
+    with tempfile.TemporaryFile() as log:
+        started = time.perf_counter()
+        process = subprocess.Popen(command, stdout=subprocess.DEVNULL, stderr=log)
+        _, status, usage = os.wait4(process.pid, 0)
+        elapsed = time.perf_counter() - started
+        if os.waitstatus_to_exitcode(status) != 0:
+            log.seek(0)
+            raise SystemExit(f"{command} failed: {log.read().decode()[-2000:]}")
     return elapsed, usage.ru_maxrss / 1024
 
 
