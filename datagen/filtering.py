@@ -29,6 +29,8 @@ from datagen.store import (
     RejectsWriter,
     ShardLimits,
     ShardWriter,
+    check_output_dir,
+    move_into_place,
     now_utc,
     row_group_starts,
 )
@@ -179,18 +181,7 @@ class FilterResult:
 
 def check_paths(in_dir: Path, out_dir: Path, overwrite: bool) -> None:
     """Refuse outputs that could touch IN or clobber existing data."""
-    source, target = in_dir.resolve(), out_dir.resolve()
-    if target == source:
-        raise FilterError(f"OUT {out_dir} is IN; the filter never modifies its input")
-    if source in target.parents:
-        raise FilterError(f"OUT {out_dir} is inside IN {in_dir}; choose a directory outside it")
-    if target in source.parents:
-        raise FilterError(f"OUT {out_dir} contains IN {in_dir}; choose another directory")
-    if target.exists():
-        if not target.is_dir():
-            raise FilterError(f"OUT {out_dir} exists and is not a directory")
-        if any(target.iterdir()) and not overwrite:
-            raise FilterError(f"OUT {out_dir} is not empty; pass --overwrite to replace it")
+    check_output_dir(in_dir, out_dir, overwrite, "IN", FilterError)
 
 
 def filter_dataset(
@@ -250,7 +241,7 @@ def filter_dataset(
         with RejectsWriter(staging, run_id=writer.run_id, flush_every=1 << 30) as rejects:
             rejects.add_table(dataset.rejects())
             rejects.add_table(_filter_rejects(index, decision, criteria))
-        _move_into_place(staging, out_dir)
+        move_into_place(staging, out_dir)
     except BaseException:
         shutil.rmtree(staging, ignore_errors=True)
         raise
@@ -364,18 +355,3 @@ def _filter_rejects(index: pa.Table, decision: Decision, criteria: FilterCriteri
         }
     )
     return conform(table, table_schema(REJECTS))
-
-
-def _move_into_place(staging: Path, out_dir: Path) -> None:
-    """Rename the finished staging directory to OUT, replacing an existing OUT last."""
-    if out_dir.exists():
-        if not any(out_dir.iterdir()):
-            out_dir.rmdir()
-        else:
-            retired = out_dir.parent / f".{out_dir.name}.datagen-old-{os.getpid()}"
-            os.replace(out_dir, retired)
-            os.replace(staging, out_dir)
-            shutil.rmtree(retired)
-            return
-    out_dir.parent.mkdir(parents=True, exist_ok=True)
-    os.replace(staging, out_dir)

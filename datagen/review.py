@@ -977,22 +977,10 @@ class FinalizeResult:
 
 
 def check_out_dir(sft_dir: Path, out_dir: Path, overwrite: bool) -> None:
-    """The refusals of `datagen filter`: OUT never equal to, inside or containing SFT_DIR,
-    and a non-empty OUT only with `overwrite`."""
-    source, target = sft_dir.resolve(), out_dir.resolve()
-    if target == source:
-        raise ReviewError(f"OUT {out_dir} is SFT_DIR; finalize never modifies the candidates")
-    if source in target.parents:
-        raise ReviewError(
-            f"OUT {out_dir} is inside SFT_DIR {sft_dir}; choose a directory outside it"
-        )
-    if target in source.parents:
-        raise ReviewError(f"OUT {out_dir} contains SFT_DIR {sft_dir}; choose another directory")
-    if target.exists():
-        if not target.is_dir():
-            raise ReviewError(f"OUT {out_dir} exists and is not a directory")
-        if any(target.iterdir()) and not overwrite:
-            raise ReviewError(f"OUT {out_dir} is not empty; pass --overwrite to replace it")
+    """The refusals of `datagen filter`, for finalize's OUT."""
+    from datagen.store import check_output_dir
+
+    check_output_dir(sft_dir, out_dir, overwrite, "SFT_DIR", ReviewError)
 
 
 def finalize_review(
@@ -1006,7 +994,7 @@ def finalize_review(
     """Write the accepted candidates of `sft_dir` to `out_dir` as an SFT dataset (review
     fields filled from the journal) and the rejected ones as rejects (stage "review"). Samples
     still pending are left out and counted. SFT_DIR is only read."""
-    from datagen.filtering import _move_into_place  # the same all-or-nothing rename as filter
+    from datagen.store import move_into_place  # the same all-or-nothing rename as filter
 
     sft_dir, out_dir = Path(sft_dir), Path(out_dir)
     check_out_dir(sft_dir, out_dir, overwrite)
@@ -1036,7 +1024,7 @@ def finalize_review(
             rejects.add_table(carried)
             result.carried_rejects = carried.num_rows
         result.shards = writer.committed_shards
-        _move_into_place(staging, out_dir)
+        move_into_place(staging, out_dir)
     except BaseException:
         shutil.rmtree(staging, ignore_errors=True)
         raise
