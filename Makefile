@@ -5,7 +5,7 @@ PYTHON ?= python3
 VENV ?= .venv
 PY := $(VENV)/bin/python
 
-.PHONY: install test test-fast lint format demo bench clean
+.PHONY: install test test-fast lint format demo stop bench clean
 
 $(VENV)/.installed: pyproject.toml
 	$(PYTHON) -m venv $(VENV)
@@ -27,10 +27,11 @@ lint: install
 format: install
 	$(VENV)/bin/ruff format .
 
-demo: install  ## the embedded-default pipeline run; arrives with the orchestration issue
-	@echo "make demo: the build-ct pipeline (Prefect + Ray + tiny models) is not built yet."
-	@echo "What works today: datagen inspect | validate | filter on existing shards, e.g."
-	@echo "  $(PY) bench/filter_vs_duckdb.py --rows 2000   # builds shards, filters, compares"
+demo: install  ## the main job on the embedded default: local Prefect server + worker, a build-ct run
+	$(PY) scripts/demo.py demo
+
+stop:  ## stop what `make demo` started (the server and the worker, by PID)
+	@if [ -x $(PY) ]; then $(PY) scripts/demo.py stop; else echo "nothing to stop (no $(VENV))"; fi
 
 bench: install
 	$(PY) bench/filter_vs_duckdb.py

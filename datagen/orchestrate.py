@@ -10,6 +10,7 @@ from __future__ import annotations
 
 import base64
 import contextlib
+import os
 import threading
 import time
 import uuid
@@ -94,7 +95,7 @@ def stage_runners(config: BuildConfig, use_ray: bool):
 
             init_ray()
             total = ray.cluster_resources()
-            cluster = "RAY_ADDRESS" in __import__("os").environ
+            cluster = bool(os.environ.get("RAY_ADDRESS"))
             for name, factory in factories.items():
                 declared = factory().resources
                 resources = (
@@ -195,7 +196,9 @@ def _run_build_locked(config: BuildConfig, use_ray: bool) -> dict:
     stage_names = list(stage_factories(config))
     stage_reports: list[dict] = []
     write_reports: list[dict] = []
-    with stage_runners(config, use_ray) as runners:
+    # a rerun of a finished build has nothing to do: start no actors, load no models
+    runners_context = stage_runners(config, use_ray) if shards else contextlib.nullcontext({})
+    with runners_context as runners:
         startup = time.perf_counter() - started  # plan + actors started + models loaded
         _RUNNERS[run_key] = runners
         try:
