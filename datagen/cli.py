@@ -230,6 +230,12 @@ def samples_command(
 def _load_flow(split: str):
     """The flow object of flows/build_<split>.py (the same file the deployments run)."""
     import importlib.util
+    import os
+
+    # Without PREFECT_API_URL the flow starts a temporary local server; on a busy machine it
+    # can take longer than Prefect's default 20 s to answer.
+    os.environ.setdefault("PREFECT_SERVER_EPHEMERAL_STARTUP_TIMEOUT_SECONDS", "120")
+    os.environ.setdefault("PREFECT_SERVER_ANALYTICS_ENABLED", "false")
 
     from datagen.resources import resource_dir
 
