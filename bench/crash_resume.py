@@ -1,10 +1,12 @@
 """Crash and resume: kill -9 the build at random points, rerun, and audit the output.
 
 Each round starts `datagen build ct` (the real flow, in its own process group) on the demo
-clips, kills the whole group with SIGKILL after a random delay (anywhere from planning to
+clips, kills the whole group with SIGKILL after a random delay (anywhere from start-up to
 writing shards), and audits the output for consistency (no duplicate, no sample both committed
-and rejected, no unreadable visible shard, index matching the shards). A final run completes the
-build and the audit checks that every planned sample is in exactly one shard or the rejects.
+and rejected, no unreadable visible shard, index matching the shards). When a build has become
+complete it is audited in full (every planned sample in exactly one shard or the rejects) and
+the next kills hit a new build, so every kill lands on a build with work left. A final run
+completes the last build, which is audited in full too.
 With `--kill-actor`, one more run on Ray has a stage actor killed mid-run and must complete.
 
     python bench/crash_resume.py --kills 50
@@ -85,21 +87,27 @@ def run_harness(
 ) -> dict:
     """Run the crash/resume rounds; return counts and the final audit (raises on a problem)."""
     rng = random.Random(seed)
-    source, out = work / "sources", work / "out"
+    source = work / "sources"
     write_samples(source, SAMPLE_CLIPS[:3])
     env = environment(work)
-    config = BuildConfig(
-        source=str(source),
-        out=str(out),
-        limit=limit,
-        clips_per_video=2,
-        shard_size=2,
-        csd_threshold=-1.0,
-        styles=STYLES,
-    )
-    survived, finished_early = 0, 0
+    cycle = 0
+
+    def cycle_config(number: int) -> BuildConfig:
+        return BuildConfig(
+            source=str(source),
+            out=str(work / f"out-{number}"),
+            limit=limit,
+            clips_per_video=2,
+            shard_size=2,
+            csd_threshold=-1.0,
+            styles=STYLES,
+        )
+
+    config = cycle_config(cycle)
+    survived, finished_early, completed_cycles = 0, 0, 0
     for round_number in range(kills):
         delay = rng.uniform(1.0, max_delay_s)
+        out = Path(config.out)
         process = subprocess.Popen(
             build_command(source, out, limit, ray=False),
             env=env,
@@ -117,13 +125,24 @@ def run_harness(
             raise AssertionError(f"after kill {round_number} at {delay:.1f} s: {audit.problems}")
         survived += 1
         log(
-            f"kill {round_number + 1}/{kills} at {delay:5.1f} s: consistent "
+            f"kill {round_number + 1}/{kills} at {delay:5.1f} s (build {cycle}): consistent "
             f"({audit.committed} committed, {audit.rejected} rejected so far)"
         )
+        if audit.committed + audit.rejected == audit.planned:
+            # this build is complete: check it fully, then let the next kills hit a new one
+            complete = audit_build(config, complete=True)
+            if not complete.ok:
+                raise AssertionError(f"build {cycle} complete but: {complete.problems}")
+            completed_cycles += 1
+            cycle += 1
+            config = cycle_config(cycle)
     if kill_actor:
-        kill_an_actor_mid_run(source, out, limit, env, log)
+        kill_an_actor_mid_run(source, Path(config.out), limit, env, log)
     final = subprocess.run(
-        build_command(source, out, limit, ray=False), env=env, capture_output=True, text=True
+        build_command(source, Path(config.out), limit, ray=False),
+        env=env,
+        capture_output=True,
+        text=True,
     )
     if final.returncode != 0:
         raise AssertionError(f"the final run failed: {final.stderr[-2000:]}")
@@ -132,11 +151,13 @@ def run_harness(
         raise AssertionError(f"after the final run: {audit.problems}")
     log(
         f"final: {audit.planned} planned = {audit.committed} committed + {audit.rejected} "
-        f"rejected; {survived} kill points survived ({finished_early} runs finished first)"
+        f"rejected; {survived} kill points survived over {completed_cycles + 1} builds "
+        f"({finished_early} runs finished before their kill)"
     )
     return {
         "kills": survived,
         "finished_before_kill": finished_early,
+        "builds": completed_cycles + 1,
         "planned": audit.planned,
         "committed": audit.committed,
         "rejected": audit.rejected,
