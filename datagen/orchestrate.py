@@ -87,12 +87,14 @@ def stage_runners(config: BuildConfig, use_ray: bool):
     """Start one runner per stage (Ray actor pools, or in-process stages) and stop them."""
     factories = stage_factories(config)
     runners: dict[str, Any] = {}
+    started_ray = False
     try:
         if use_ray:
             import ray
 
             from datagen.ray_adapter import StagePool, init_ray
 
+            started_ray = not ray.is_initialized()
             init_ray()
             total = ray.cluster_resources()
             cluster = bool(os.environ.get("RAY_ADDRESS"))
@@ -116,6 +118,10 @@ def stage_runners(config: BuildConfig, use_ray: bool):
         for runner in runners.values():
             with contextlib.suppress(Exception):
                 runner.shutdown()
+        if started_ray:  # a Ray this run started (or connected to) ends with it
+            from datagen.ray_adapter import shutdown_ray
+
+            shutdown_ray()
 
 
 @task(name="plan", retries=1, retry_delay_seconds=5, cache_policy=NO_CACHE)

@@ -32,7 +32,9 @@ class SquareStage(Stage):
 
 @pytest.fixture(scope="module")
 def ray_local():
-    # workers import this module (for SquareStage) from the tests folder
+    # workers import this module (for SquareStage) from the tests folder, so start a Ray of
+    # our own with that path, whatever an earlier test left running
+    shutdown_ray()
     init_ray(num_cpus=2, runtime_env={"env_vars": {"PYTHONPATH": str(Path(__file__).parent)}})
     yield
     shutdown_ray()
