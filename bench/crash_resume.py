@@ -168,13 +168,16 @@ def kill_an_actor_mid_run(source: Path, out: Path, limit: int, env: dict, log) -
     """Start a Ray build, SIGKILL one stage actor while it works; the run must complete."""
     import psutil
 
-    process = subprocess.Popen(
-        build_command(source, out, limit + 2, ray=True),
-        env=env,
-        stdout=subprocess.DEVNULL,
-        stderr=subprocess.DEVNULL,
-        start_new_session=True,
-    )
+    out.mkdir(parents=True, exist_ok=True)
+    log_path = out / "kill-actor-run.log"
+    with open(log_path, "wb") as log_file:  # a file, never an unread pipe
+        process = subprocess.Popen(
+            build_command(source, out, limit, ray=True),
+            env=env,
+            stdout=log_file,
+            stderr=subprocess.STDOUT,
+            start_new_session=True,
+        )
     victim = None
     deadline = time.monotonic() + 300
     while victim is None and time.monotonic() < deadline and process.poll() is None:
@@ -194,7 +197,8 @@ def kill_an_actor_mid_run(source: Path, out: Path, limit: int, env: dict, log) -
     finally:
         kill_group(process)
     if code != 0:
-        raise AssertionError(f"the Ray run with a killed actor exited {code}")
+        tail = log_path.read_text(errors="replace")[-3000:]
+        raise AssertionError(f"the Ray run with a killed actor exited {code}:\n{tail}")
 
 
 def main() -> None:

@@ -126,9 +126,13 @@ class StagePool:
         self.name = name or getattr(factory, "name", "stage")
         self._remote_class = ray.remote(StageActor).options(**ray_options(resources))
         self._factory, self._torch_threads = factory, torch_threads
-        self.actors = [self._start_actor() for _ in range(size)]
-        ray.get([actor.ready.remote() for actor in self.actors])  # models are loaded now
         self.replacements = 0
+        self.actors = [self._start_actor() for _ in range(size)]
+        for index, actor in enumerate(self.actors):  # models are loaded once these answer
+            try:
+                ray.get(actor.ready.remote())
+            except ray.exceptions.RayActorError:
+                self._replace(index, actor)  # died while loading: one more try
         self._next = 0
 
     def _start_actor(self):

@@ -166,3 +166,29 @@ def test_other_errors_are_not_mistaken_for_memory_errors():
 
     with pytest.raises(ValueError, match="a bug"):
         Broken()(["a"])
+
+
+class DiesWhileLoading(FragileStage):
+    """Its first actor dies while loading the model (e.g. killed, or a node lost)."""
+
+    def _load(self) -> None:
+        import os
+
+        if not os.path.exists(self.marker):
+            open(self.marker, "w").close()
+            os._exit(1)
+        super()._load()
+
+
+class DiesWhileLoadingFactory(FragileFactory):
+    def __call__(self):
+        return DiesWhileLoading(self.marker)
+
+
+def test_an_actor_that_dies_while_loading_is_started_again(ray_local, tmp_path):
+    pool = StagePool(
+        DiesWhileLoadingFactory(str(tmp_path / "m")), Resources(num_cpus=0.25), name="fragile"
+    )
+    assert pool.replacements == 1
+    assert list(pool.map([["a"]])) == [["A"]]
+    pool.shutdown()
