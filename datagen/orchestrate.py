@@ -14,7 +14,7 @@ import os
 import threading
 import time
 import uuid
-from collections import Counter
+from collections import Counter, deque
 from dataclasses import asdict
 from typing import Any
 
@@ -209,24 +209,13 @@ def _run_build_locked(config: BuildConfig, use_ray: bool) -> dict:
         _RUNNERS[run_key] = runners
         try:
             provenance = collect_provenance(runners)
-            finals = []
-            for shard in shards:
-                previous = None
-                futures = []
-                for stage in stage_names:
-                    previous = stage_task.submit(
-                        stage, shard, config, run_key, wait_for=[previous] if previous else None
-                    )
-                    futures.append(previous)
-                finals.append(
-                    (
-                        shard,
-                        futures,
-                        write_task.submit(shard, config, provenance, wait_for=[previous]),
-                    )
-                )
-            failed = []
-            for done, (shard, futures, final) in enumerate(finals, start=1):
+            failed: list[str] = []
+            in_flight: deque = deque()
+            done = 0
+
+            def collect_oldest() -> None:
+                nonlocal done
+                shard, futures, final = in_flight.popleft()
                 outcome = final.result(raise_on_failure=False)
                 if isinstance(outcome, BaseException):
                     failed.append(shard)  # its finished work stays; a rerun resumes it
@@ -236,7 +225,25 @@ def _run_build_locked(config: BuildConfig, use_ray: bool) -> dict:
                     report = future.result(raise_on_failure=False)
                     if isinstance(report, dict):
                         stage_reports.append(report)
-                update_progress_artifact(progress, 100.0 * done / len(finals))
+                done += 1
+                update_progress_artifact(progress, 100.0 * done / len(shards))
+
+            for shard in shards:
+                # A bounded window of shards in flight keeps memory flat however many shards
+                # a run has, while still overlapping stages of neighbouring shards.
+                if len(in_flight) >= config.shards_in_flight:
+                    collect_oldest()
+                previous = None
+                futures = []
+                for stage in stage_names:
+                    previous = stage_task.submit(
+                        stage, shard, config, run_key, wait_for=[previous] if previous else None
+                    )
+                    futures.append(previous)
+                final = write_task.submit(shard, config, provenance, wait_for=[previous])
+                in_flight.append((shard, futures, final))
+            while in_flight:
+                collect_oldest()
             stats = {name: _runner_stats(runner) for name, runner in runners.items()}
         finally:
             _RUNNERS.pop(run_key, None)

@@ -107,6 +107,7 @@ class BuildConfig:
     stylize_backend: str = "sdxl"
     stylize_url: str | None = None
     stage_timeout_s: float = 3600.0  # a stage call slower than this is hung: its samples reject
+    shards_in_flight: int = 2  # shards between plan and write at once (bounds memory)
 
     def __post_init__(self) -> None:
         problems = []
@@ -120,7 +121,7 @@ class BuildConfig:
             problems.append(f"source {self.source} does not exist")
         if self.limit is not None and self.limit < 0:
             problems.append(f"limit must be >= 0, got {self.limit}")
-        for name in ("clips_per_video", "shard_size", "batch_size"):
+        for name in ("clips_per_video", "shard_size", "batch_size", "shards_in_flight"):
             if getattr(self, name) < 1:
                 problems.append(f"{name} must be >= 1, got {getattr(self, name)}")
         if not 0 <= self.k_refs <= 16:
