@@ -1,11 +1,11 @@
 """Bounded memory: peak RSS of `datagen filter` and `datagen build` as the data grows 10x.
 
 Each command runs in a fresh process; its peak RSS comes from wait4. The filter runs over
-synthetic CT datasets of N and 10N rows (50 KB per video column); the build runs the tiny
+synthetic CT datasets of N and 10N rows (default 5 KB per video column); the build runs the tiny
 profile with every stage in the flow process (`--no-ray`, so one process holds everything) over
 M and 10M clip samples. Flat means the 10x run's peak is within `--tolerance` of the small one.
 
-    python bench/memory.py --rows 2000 --clips 3
+    python bench/memory.py --rows 10000 --clips 3
 """
 
 from __future__ import annotations
@@ -39,13 +39,15 @@ def peak_rss_mib(command: list[str], env: dict | None = None) -> float:
     return usage.ru_maxrss / 1024
 
 
-def filter_peaks(work: Path, rows: int) -> list[tuple[int, float]]:
+def filter_peaks(work: Path, rows: int, media_bytes: int) -> list[tuple[int, float]]:
     peaks = []
     for count in (rows, rows * 10):
         source = work / f"in-{count}"
         with ShardWriter(source, "ct") as writer:
             for start in range(0, count, 1000):
-                writer.write(synthetic_table(start, min(1000, count - start)))
+                writer.write(
+                    synthetic_table(start, min(1000, count - start), media_bytes=media_bytes)
+                )
         peaks.append(
             (
                 count,
@@ -94,7 +96,14 @@ def main() -> None:
     parser = argparse.ArgumentParser(
         description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter
     )
-    parser.add_argument("--rows", type=int, default=2000)
+    parser.add_argument("--rows", type=int, default=10_000)
+    parser.add_argument(
+        "--media-bytes",
+        type=int,
+        default=5_000,
+        help="bytes per video column; small, so the 10x run stays on disk and "
+        "both runs are past the first row groups (steady state)",
+    )
     parser.add_argument("--clips", type=int, default=3)
     parser.add_argument("--tolerance", type=float, default=0.15)
     args = parser.parse_args()
@@ -102,7 +111,7 @@ def main() -> None:
     try:
         flat = True
         for label, peaks in (
-            ("filter", filter_peaks(work, args.rows)),
+            ("filter", filter_peaks(work, args.rows, args.media_bytes)),
             ("build", build_peaks(work, args.clips)),
         ):
             (small, small_rss), (large, large_rss) = peaks
