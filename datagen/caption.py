@@ -18,17 +18,16 @@ from dataclasses import asdict, dataclass
 
 import numpy as np
 
-from datagen.stage import ModelRef, Reject, Resources, Stage
+from datagen.stage import Reject, Resources
 from datagen.style_vocab import load_style_vocabulary
 from datagen.vlm import (
     Turn,
     Video,
-    VLMBackend,
     VLMConfig,
     VLMReply,
     VLMRequestError,
+    VLMStage,
     check_frames,
-    load_backend,
     load_prompt,
     prompt_sha256,
     sample_video,
@@ -68,7 +67,7 @@ class CaptionOutput:
     attempts: int  # caption_ns generations it took (1 = clean at the first try)
 
 
-class CaptionStage(Stage[CaptionInput, CaptionOutput]):
+class CaptionStage(VLMStage[CaptionInput, CaptionOutput]):
     name = "caption"
 
     def __init__(self, config: CaptionConfig | None = None, resources: Resources | None = None):
@@ -79,18 +78,6 @@ class CaptionStage(Stage[CaptionInput, CaptionOutput]):
         self.ns_prompt = load_prompt("caption_ns.txt", ())
         self.retry_prompt = load_prompt("caption_ns_retry.txt", ("words",))
         self.vocabulary = load_style_vocabulary()
-        self.backend: VLMBackend | None = None
-
-    def _load(self) -> None:
-        self.backend = load_backend(self.config, self.resources)
-
-    def _unload(self) -> None:
-        if self.backend is not None:
-            self.backend.close()
-        self.backend = None
-
-    def models(self) -> dict[str, ModelRef]:
-        return {"caption": self.backend.model_ref()} if self.backend else {}
 
     def params(self) -> dict:
         """The settings that shaped the captions (recorded in the row's params)."""

@@ -15,14 +15,13 @@ from dataclasses import asdict, dataclass
 
 import numpy as np
 
-from datagen.stage import ModelRef, Reject, Resources, Stage
+from datagen.stage import Reject, Resources
 from datagen.vlm import (
     Turn,
-    VLMBackend,
     VLMConfig,
     VLMRequestError,
+    VLMStage,
     check_frames,
-    load_backend,
     load_prompt,
     prompt_sha256,
     sample_video,
@@ -96,25 +95,13 @@ def verdict_of(answers: dict[str, str]) -> str:
     return "pass" if all(answers[q] == PASSING[q] for q in QUESTIONS) else "fail"
 
 
-class JudgeStage(Stage[JudgeInput, JudgeOutput]):
+class JudgeStage(VLMStage[JudgeInput, JudgeOutput]):
     name = "judge"
 
     def __init__(self, config: JudgeConfig | None = None, resources: Resources | None = None):
         self.config = config or JudgeConfig()
         super().__init__(resources or self.config.default_resources())
         self.prompt = load_prompt("judge.txt", ("style_prompt",))
-        self.backend: VLMBackend | None = None
-
-    def _load(self) -> None:
-        self.backend = load_backend(self.config, self.resources)
-
-    def _unload(self) -> None:
-        if self.backend is not None:
-            self.backend.close()
-        self.backend = None
-
-    def models(self) -> dict[str, ModelRef]:
-        return {"judge": self.backend.model_ref()} if self.backend else {}
 
     def params(self) -> dict:
         return {**asdict(self.config), "prompts": prompt_sha256(self.prompt)}

@@ -37,7 +37,7 @@ import numpy as np
 
 from datagen.models import PROFILES, resolve
 from datagen.resources import resource_dir
-from datagen.stage import ModelRef, Resources
+from datagen.stage import In, ModelRef, Out, Resources, Stage
 
 log = logging.getLogger(__name__)
 
@@ -577,3 +577,21 @@ def prompt_sha256(*templates: Template) -> str:
     for template in templates:
         digest.update(template.template.encode() + b"\0")
     return "sha256:" + digest.hexdigest()
+
+
+class VLMStage(Stage[In, Out]):
+    """A stage whose model is a VLM backend (transformers or an OpenAI-compatible server):
+    the backend loads in setup, closes in teardown, and is recorded under the stage's name."""
+
+    backend: VLMBackend | None = None
+
+    def _load(self) -> None:
+        self.backend = load_backend(self.config, self.resources)
+
+    def _unload(self) -> None:
+        if self.backend is not None:
+            self.backend.close()
+        self.backend = None
+
+    def models(self) -> dict[str, ModelRef]:
+        return {self.name: self.backend.model_ref()} if self.backend else {}
