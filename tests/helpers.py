@@ -159,3 +159,25 @@ def make_hostile_sources(folder: Path) -> dict[str, str | None]:
         expected[name] = None
     os.symlink(folder, folder / "loop")  # a symlink loop: not followed, not an error
     return expected
+
+
+REPO = Path(__file__).resolve().parent.parent
+
+
+def load_script(relative_path: str, name: str):
+    """A script of the repository (scripts/, bench/) as a module, loaded once per session so
+    the test files that use it share one instance."""
+    import importlib.util
+    import sys
+
+    if name not in sys.modules:
+        spec = importlib.util.spec_from_file_location(name, REPO / relative_path)
+        module = importlib.util.module_from_spec(spec)
+        sys.modules[name] = module
+        spec.loader.exec_module(module)
+    return sys.modules[name]
+
+
+def load_demo():
+    """scripts/demo.py (`make demo`) as a module."""
+    return load_script("scripts/demo.py", "datagen_demo_script")

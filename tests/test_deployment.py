@@ -5,7 +5,6 @@ every process the run started stopped afterwards, by PID."""
 
 from __future__ import annotations
 
-import importlib.util
 import json
 import shutil
 import socket
@@ -18,6 +17,7 @@ from pathlib import Path
 
 import psutil
 import pytest
+from helpers import load_demo
 
 from datagen.samples import SAMPLE_CLIPS, write_samples
 from datagen.store import Dataset
@@ -29,17 +29,6 @@ ENTRYPOINTS = {
     "build-ct": "flows/build_ct.py:build_ct",
     "build-sft": "flows/build_sft.py:build_sft",
 }
-
-
-def load_demo():
-    """scripts/demo.py as a module (one instance per session, shared with test_ui)."""
-    name = "datagen_demo_script"
-    if name not in sys.modules:
-        spec = importlib.util.spec_from_file_location(name, REPO / "scripts" / "demo.py")
-        module = importlib.util.module_from_spec(spec)
-        sys.modules[name] = module
-        spec.loader.exec_module(module)
-    return sys.modules[name]
 
 
 demo = load_demo()

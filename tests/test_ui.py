@@ -10,15 +10,14 @@ from __future__ import annotations
 
 import shutil
 import socket
-import sys
 import tempfile
 from pathlib import Path
 
 import pytest
+from helpers import load_demo
 
 from datagen.samples import SAMPLE_CLIPS, write_samples
 
-REPO = Path(__file__).resolve().parent.parent
 CHROMIUM = shutil.which("chromium") or "/usr/bin/chromium"
 CHROMEDRIVER = shutil.which("chromedriver") or "/usr/bin/chromedriver"
 STAGES = ("control", "stylize", "animate", "caption", "score", "write")
@@ -32,19 +31,6 @@ pytestmark = [
         "apt-get install -y chromium chromium-driver",
     ),
 ]
-
-
-def load_demo():
-    """scripts/demo.py as a module (one instance per session, shared with test_deployment)."""
-    import importlib.util
-
-    name = "datagen_demo_script"
-    if name not in sys.modules:
-        spec = importlib.util.spec_from_file_location(name, REPO / "scripts" / "demo.py")
-        module = importlib.util.module_from_spec(spec)
-        sys.modules[name] = module
-        spec.loader.exec_module(module)
-    return sys.modules[name]
 
 
 def free_port() -> int:
