@@ -13,7 +13,7 @@ are the sample's style references. Two backends sit behind one interface:
 HTTP protocol (one request per frame)::
 
     POST <url>
-    Authorization: Bearer <key>            (only when api_key_env is set)
+    Authorization: Bearer <key>            (only when api_key_env or api_key_block is set)
     Content-Type: application/json
     {"image": "<base64 PNG>", "prompt": str, "negative_prompt": str,
      "reference_image": "<base64 PNG>" | null, "style_id": str, "seed": int,
@@ -23,8 +23,10 @@ HTTP protocol (one request per frame)::
     429 / 5xx -> retried with exponential backoff (Retry-After honoured), at most max_retries
     other statuses -> the sample is rejected (`image_edit_failed`)
 
-The API key is read only from the environment variable that `api_key_env` names, and never
-appears in reprs, logs, reject details or outputs.
+The API key is read only from the environment variable that `api_key_env` names or the Prefect
+Secret block that `api_key_block` names (datagen/api_keys.py), when the backend loads, on the
+process that makes the requests; it never appears in reprs, logs, reject details, pickles or
+outputs.
 
 Both backends return images at the clip's exact size, whatever size the model ran at.
 """
@@ -53,6 +55,7 @@ from typing import Any
 
 import numpy as np
 
+from datagen.api_keys import SecretValue, check_key_source, describe_key_source, resolve_api_key
 from datagen.models import PROFILES
 from datagen.stage import ModelRef, Reject, Resources, Stage, pick_device
 from datagen.styles import Style
@@ -82,7 +85,6 @@ IMAGE_EDIT_FAILED = "image_edit_failed"
 IMAGE_EDIT_UNAVAILABLE = "image_edit_unavailable"
 IMAGE_EDIT_BAD_RESPONSE = "image_edit_bad_response"
 
-_ENV_NAME = re.compile(r"^[A-Za-z_][A-Za-z0-9_]*$")
 _DEVICE = re.compile(r"^(auto|cpu|cuda(:\d+)?)$")
 _MAX_SEED = 2**63 - 1
 
@@ -126,7 +128,11 @@ class StylizeConfig:
     exemplar_seed: int = 0
     cache_dir: str | None = None  # style exemplars; default ~/.cache/datagen/style_exemplars
     url: str | None = None  # http backend endpoint
-    api_key_env: str | None = DEFAULT_API_KEY_ENV  # None: send no Authorization header
+    # Where the key is, by NAME (never the key): an environment variable or a Prefect Secret
+    # block. Naming a block drops the default variable; naming both otherwise is an error.
+    # None and None: send no Authorization header.
+    api_key_env: str | None = DEFAULT_API_KEY_ENV
+    api_key_block: str | None = None
     timeout_s: float = 120.0
     max_retries: int = 3
     retry_backoff_s: float = 1.0
@@ -192,10 +198,13 @@ class StylizeConfig:
             fail(f"device must be 'auto', 'cpu', 'cuda' or 'cuda:N', got {self.device!r}")
         if self.dtype not in DTYPES:
             fail(f"dtype must be one of {DTYPES}, got {self.dtype!r}")
-        if self.api_key_env is not None and (
-            not isinstance(self.api_key_env, str) or not _ENV_NAME.match(self.api_key_env)
-        ):
-            fail(f"api_key_env must name an environment variable, got {self.api_key_env!r}")
+        if self.api_key_block is not None and self.api_key_env == DEFAULT_API_KEY_ENV:
+            # The block replaces the default variable: the config names exactly one source.
+            object.__setattr__(self, "api_key_env", None)
+        try:
+            check_key_source(self.api_key_env, self.api_key_block)
+        except ValueError as error:  # its messages never echo the value
+            fail(str(error))
         if self.backend == "http" and not self.url:
             fail("backend 'http' needs url (the image-edit endpoint)")
         if self.url is not None:
@@ -203,8 +212,12 @@ class StylizeConfig:
             if parsed.scheme not in ("http", "https") or not parsed.hostname:
                 fail("url must be an http(s) URL with a host")
             if parsed.username or parsed.password:
-                # Credentials belong in the environment variable, never in a config value.
-                fail(f"url must not carry credentials; put the key in ${self.api_key_env}")
+                # Credentials belong in an environment variable or a Secret block, never in a
+                # config value.
+                fail(
+                    "url must not carry credentials; put the key in an environment variable "
+                    "(api_key_env) or a Prefect Secret block (api_key_block)"
+                )
 
     def settings(self) -> dict[str, Any]:
         """The settings that shape the outputs (recorded with every row)."""
@@ -540,7 +553,7 @@ class HttpImageEditStylizer:
 
     def __init__(self, config: StylizeConfig):
         self.config = config
-        self._api_key: str | None = None
+        self._api_key: SecretValue | None = None
         self._pool = None
         self.refs = {"image_edit": ModelRef(self.model_id, config.http_model_revision)}
         self._references: dict[Path, str] = {}
@@ -550,9 +563,8 @@ class HttpImageEditStylizer:
         return self.config.http_model_id or _endpoint_id(self.config.url)
 
     def __repr__(self) -> str:
-        return (
-            f"HttpImageEditStylizer(url={self.model_id!r}, api_key_env={self.config.api_key_env!r})"
-        )
+        source = describe_key_source(self.config.api_key_env, self.config.api_key_block)
+        return f"HttpImageEditStylizer(url={self.model_id!r}, key_from={source!r})"
 
     def __getstate__(self) -> dict:
         # Never carry the key across a pickle (Ray ships actors); load() reads it again.
@@ -562,14 +574,15 @@ class HttpImageEditStylizer:
         return state
 
     def load(self) -> None:
-        name = self.config.api_key_env
-        if name is not None:
-            key = os.environ.get(name, "")
-            if not key:
-                raise RuntimeError(
-                    f"stylize: backend 'http' reads its API key from ${name}, which is not set"
-                )
-            self._api_key = key
+        config = self.config
+        # Read here, on the process that makes the requests; a missing block raises.
+        key = resolve_api_key(config.api_key_env, config.api_key_block, "stylize (http backend)")
+        if key is not None and not key:
+            raise RuntimeError(
+                f"stylize: backend 'http' reads its API key from ${config.api_key_env}, "
+                "which is not set"
+            )
+        self._api_key = key
         self._pool = concurrent.futures.ThreadPoolExecutor(
             max_workers=self.config.http_concurrency, thread_name_prefix="image-edit"
         )
@@ -633,7 +646,7 @@ class HttpImageEditStylizer:
         data = json.dumps(body).encode()
         headers = {"Content-Type": "application/json", "Accept": "application/json"}
         if self._api_key:
-            headers["Authorization"] = f"Bearer {self._api_key}"
+            headers["Authorization"] = f"Bearer {self._api_key.reveal()}"
         try:
             return self._attempts(data, headers, body, lost)
         except _SampleFailure:
@@ -686,7 +699,7 @@ class HttpImageEditStylizer:
 
     def _scrub(self, text: str) -> str:
         """Remove the key from anything that might end up in a reject or a log."""
-        return text.replace(self._api_key, "***") if self._api_key else text
+        return self._api_key.redact(text, "***") if self._api_key else text
 
 
 # --- the stage -----------------------------------------------------------------------------
@@ -709,6 +722,14 @@ class StylizeStage(Stage[StylizeInput, StylizeOutput]):
 
     def __repr__(self) -> str:
         return f"StylizeStage({self.config!r})"
+
+    def __getstate__(self) -> dict:
+        # A stage travels as its config: the process that unpickles it loads its own backend
+        # (and, for http, reads the key itself).
+        state = dict(vars(self))
+        state["backend"] = None
+        state["_loaded"] = False
+        return state
 
     def _load(self) -> None:
         if self.config.backend == "http":

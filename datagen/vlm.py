@@ -6,8 +6,10 @@
   handed over already decoded, as a video with its metadata (`do_sample_frames=False`: torchcodec
   does not load here, see FINDINGS.md). Greedy decoding, batched with left padding.
 - `openai`: any OpenAI-compatible chat-completions server (vLLM, ...). Frames travel as base64
-  image parts. The API key is read at load time from the environment variable NAMED in the
-  config, and never appears in a repr, a log line, an exception or a returned value.
+  image parts. The API key is read at load time, on the process that makes the requests, from
+  the environment variable (`api_key_env`) or the Prefect Secret block (`api_key_block`) NAMED
+  in the config (datagen/api_keys.py), and never appears in a repr, a log line, an exception, a
+  pickle or a returned value.
 
 Both take conversations (`Turn`s of text and `Video` parts) and return one `VLMReply` (text +
 whether it was cut off at the token limit) or one `VLMRequestError` (a per-sample failure the
@@ -22,8 +24,6 @@ import base64
 import hashlib
 import io
 import logging
-import os
-import re
 import time
 from abc import ABC, abstractmethod
 from collections.abc import Sequence
@@ -35,6 +35,7 @@ from urllib.parse import urlsplit
 
 import numpy as np
 
+from datagen.api_keys import SecretValue, check_key_source, describe_key_source, resolve_api_key
 from datagen.models import PROFILES, resolve
 from datagen.resources import resource_dir
 from datagen.stage import In, ModelRef, Out, Resources, Stage
@@ -45,7 +46,7 @@ BACKENDS = ("transformers", "openai")
 DTYPES = ("auto", "float32", "bfloat16", "float16")
 IMAGE_FORMATS = ("jpeg", "png")
 MIN_PIXELS = 56 * 56  # the smallest frame Qwen2.5-VL's processor works with
-_ENV_NAME = re.compile(r"^[A-Za-z_][A-Za-z0-9_]*$")
+DEFAULT_API_KEY_ENV = "DATAGEN_VLM_API_KEY"
 _RETRY_CAP_S = 30.0  # longest single wait between two HTTP attempts
 
 
@@ -66,7 +67,11 @@ class VLMConfig:
     base_url: str = "http://127.0.0.1:8000/v1"
     model: str = "Qwen/Qwen2.5-VL-7B-Instruct"
     model_revision: str = "unpinned"  # recorded with every row; the server cannot tell us
-    api_key_env: str = "DATAGEN_VLM_API_KEY"  # the NAME of the variable holding the key
+    # Where the key is, by NAME (never the key): an environment variable, or a Prefect Secret
+    # block. Naming a block drops the default variable; naming both otherwise is an error.
+    # None and None: requests go without a key.
+    api_key_env: str | None = DEFAULT_API_KEY_ENV
+    api_key_block: str | None = None
     image_format: str = "jpeg"
     timeout_s: float = 120.0
     http_retries: int = 4  # extra attempts on 429 / 5xx / connection errors
@@ -101,13 +106,12 @@ class VLMConfig:
                 raise ValueError(f"{name} must be a finite number >= 0, got {value!r}")
         if self.timeout_s <= 0:
             raise ValueError("timeout_s must be > 0")
-        # The messages below never echo the offending value: a key pasted into the wrong field
-        # must not end up in a log.
-        if not (isinstance(self.api_key_env, str) and _ENV_NAME.match(self.api_key_env)):
-            raise ValueError(
-                "api_key_env must be the NAME of an environment variable (letters, digits and "
-                "underscores), not the key itself"
-            )
+        if self.api_key_block is not None and self.api_key_env == DEFAULT_API_KEY_ENV:
+            # The block replaces the default variable, so the config (and the row's params)
+            # names exactly one source.
+            object.__setattr__(self, "api_key_env", None)
+        # Never echoes the offending value: a key pasted into the wrong field stays out of logs.
+        check_key_source(self.api_key_env, self.api_key_block)
         if self.backend == "openai":
             _check_base_url(self.base_url)
             if not (isinstance(self.model, str) and self.model.strip()):
@@ -128,8 +132,8 @@ def _check_base_url(url: str) -> None:
         raise ValueError("base_url must be an http(s) URL such as http://127.0.0.1:8000/v1")
     if parts.username or parts.password:
         raise ValueError(
-            "base_url must not carry credentials; put the key in the environment variable "
-            "named by api_key_env"
+            "base_url must not carry credentials; put the key in an environment variable "
+            "(api_key_env) or a Prefect Secret block (api_key_block)"
         )
     if parts.query or parts.fragment:
         raise ValueError("base_url must not have a query or fragment")
@@ -353,29 +357,6 @@ class TransformersVLM(VLMBackend):
         return replies
 
 
-class _Secret:
-    """A value that shows itself in no repr, str, log line or pickle; `reveal()` gives it."""
-
-    __slots__ = ("_value",)
-
-    def __init__(self, value: str):
-        self._value = value
-
-    def reveal(self) -> str:
-        return self._value
-
-    def __bool__(self) -> bool:
-        return bool(self._value)
-
-    def __repr__(self) -> str:
-        return "_Secret('***')"
-
-    __str__ = __repr__
-
-    def __reduce__(self):
-        raise TypeError("a secret is not pickled; read it from the environment where it is used")
-
-
 class OpenAIVLM(VLMBackend):
     """A client of an OpenAI-compatible chat-completions server (vLLM, ...)."""
 
@@ -384,9 +365,13 @@ class OpenAIVLM(VLMBackend):
 
         self.config = config
         self.base_url = config.base_url.rstrip("/")
-        # Read once, here, on the worker that makes the requests.
-        self._key = _Secret(os.environ.get(config.api_key_env) or "")
-        if not self._key:
+        self._key_source = describe_key_source(config.api_key_env, config.api_key_block)
+        # Read once, here, on the worker that makes the requests; a missing block raises.
+        key = resolve_api_key(
+            config.api_key_env, config.api_key_block, f"VLM client of {self.base_url}"
+        )
+        self._key = key if key is not None else SecretValue("")
+        if config.api_key_env is not None and not self._key:
             log.warning(
                 "%s is not set: requests to %s go without an API key",
                 config.api_key_env,
@@ -403,7 +388,7 @@ class OpenAIVLM(VLMBackend):
     def __repr__(self) -> str:
         return (
             f"OpenAIVLM(base_url={self.base_url!r}, model={self.config.model!r}, "
-            f"api_key_env={self.config.api_key_env!r})"
+            f"key_from={self._key_source!r})"
         )
 
     def model_ref(self) -> ModelRef:
@@ -420,7 +405,7 @@ class OpenAIVLM(VLMBackend):
 
     def _redact(self, text: str) -> str:
         """`text` (a server's answer) with the key blanked out, should the server echo it."""
-        return text.replace(self._key.reveal(), "[redacted]") if self._key else text
+        return self._key.redact(text)
 
     def _request(self, method: str, path: str, payload: dict | None = None):
         """Send with bounded retries on 429 / 5xx / connection errors; return the response
@@ -447,7 +432,7 @@ class OpenAIVLM(VLMBackend):
     def _refused(self, response) -> VLMServerError:
         hint = ""
         if response.status_code in (401, 403):
-            hint = f" (check the key in ${self.config.api_key_env})"
+            hint = f" (check the key in {self._key_source})"
         elif response.status_code == 404:
             hint = f" (is {self.base_url} the API root, e.g. http://host:8000/v1?)"
         body = self._redact(response.text[:300])
@@ -595,3 +580,11 @@ class VLMStage(Stage[In, Out]):
 
     def models(self) -> dict[str, ModelRef]:
         return {self.name: self.backend.model_ref()} if self.backend else {}
+
+    def __getstate__(self) -> dict:
+        # A stage travels as its config: the process that unpickles it loads its own backend
+        # and reads the key itself (a connection pool does not pickle, a key must not).
+        state = dict(vars(self))
+        state["backend"] = None
+        state["_loaded"] = False
+        return state

@@ -3,8 +3,9 @@
 Threaded `http.server` on 127.0.0.1 and an ephemeral port. It serves `GET /v1/models` and
 `POST /v1/chat/completions` with scripted answers (a queue of replies, or a function of the
 request), and records every request (method, path, headers, JSON body) so tests can check what
-a client sent. Use it as a context manager or through the `fake_openai_server` fixture; it stops
-itself on exit.
+a client sent. Given `api_key`, it answers 401 to any request without `Authorization: Bearer
+<api_key>`, as a real server does. Use it as a context manager or through the
+`fake_openai_server` fixture; it stops itself on exit.
 """
 
 from __future__ import annotations
@@ -86,7 +87,7 @@ Script = Callable[[RecordedRequest], Reply | str]
 class FakeOpenAIServer:
     """Answers chat completions from `replies` (in order; a str is a completion) or from
     `script(request)`; a request with nothing scripted gets a 500 and is counted in
-    `unscripted`."""
+    `unscripted`. With `api_key`, requests without that bearer key get a 401."""
 
     def __init__(
         self,
@@ -94,7 +95,9 @@ class FakeOpenAIServer:
         script: Script | None = None,
         models: Iterable[str] = ("fake-vlm",),
         models_status: int = 200,
+        api_key: str | None = None,
     ):
+        self.api_key = api_key
         self.replies: deque[Reply | str] = deque(replies)
         self.script = script
         self.models = list(models)
@@ -145,6 +148,10 @@ class FakeOpenAIServer:
     def _answer(self, request: RecordedRequest) -> Reply:
         with self._lock:
             self.requests.append(request)
+            if self.api_key is not None and (
+                request.headers.get("authorization") != f"Bearer {self.api_key}"
+            ):
+                return error(401, "missing or wrong bearer key")
             if request.method == "GET" and request.path == "/v1/models":
                 data = [{"id": m, "object": "model", "owned_by": "fake"} for m in self.models]
                 if self.models_status != 200:

@@ -347,6 +347,8 @@ def test_default_resources_follow_the_backend():
         {"http_retries": -1},
         {"backend": "openai", "base_url": "ftp://host/v1"},
         {"backend": "openai", "base_url": "http://127.0.0.1:8000/v1", "model": " "},
+        {"api_key_block": "Not_A_Block_Name"},
+        {"api_key_env": "MY_KEY", "api_key_block": "vlm-key"},  # two sources
     ],
 )
 def test_bad_configs_raise(settings):
@@ -359,7 +361,49 @@ def test_config_errors_never_echo_a_secret():
         CaptionConfig(backend="openai", api_key_env=SECRET)
     with pytest.raises(ValueError) as in_url:
         CaptionConfig(backend="openai", base_url=f"https://user:{SECRET}@vlm.example.com/v1")
-    assert SECRET not in str(pasted.value) and SECRET not in str(in_url.value)
+    # SECRET (sk-, lowercase, digits, dashes) would pass as a block name: refused all the same
+    with pytest.raises(ValueError, match="looks like an API key") as as_block:
+        CaptionConfig(backend="openai", api_key_block=SECRET)
+    for raised in (pasted, in_url, as_block):
+        assert SECRET not in str(raised.value)
+
+
+def test_a_block_name_replaces_the_default_variable_in_config_and_params():
+    stage = CaptionStage(CaptionConfig(backend="openai", api_key_block="vlm-key"))
+    assert stage.config.api_key_env is None
+    params = stage.params()
+    assert params["api_key_block"] == "vlm-key" and params["api_key_env"] is None
+    assert CaptionConfig().api_key_env == "DATAGEN_VLM_API_KEY"  # unchanged without a block
+
+
+def test_an_unset_key_variable_is_a_warning_and_no_source_is_silent(server, monkeypatch, caplog):
+    server.script = lambda request: STY if is_sty(request) else CLEAN_NS
+    monkeypatch.delenv(KEY_ENV, raising=False)
+    with caplog.at_level(logging.WARNING, logger="datagen.vlm"):
+        (unset,) = api_stage(server)([item()])
+    assert isinstance(unset, CaptionOutput)
+    assert f"{KEY_ENV} is not set" in caplog.text
+    caplog.clear()
+    with caplog.at_level(logging.WARNING, logger="datagen.vlm"):
+        (open_server,) = api_stage(server, api_key_env=None)([item()])
+    assert isinstance(open_server, CaptionOutput) and not caplog.records
+    assert all("authorization" not in r.headers for r in server.requests)
+
+
+def test_a_loaded_stage_pickles_as_its_config_and_reads_the_key_again(server, keyed):
+    server.script = lambda request: STY if is_sty(request) else CLEAN_NS
+    stage = api_stage(server)
+    stage([item()])
+    shipped = pickle.dumps(stage)
+    assert SECRET.encode() not in shipped
+    clone = pickle.loads(shipped)
+    assert not clone.loaded and clone.backend is None and stage.loaded
+    server.requests.clear()
+    (result,) = clone([item("s2")])
+    assert isinstance(result, CaptionOutput)
+    assert {r.headers.get("authorization") for r in server.requests} == {f"Bearer {SECRET}"}
+    stage.teardown()
+    clone.teardown()
 
 
 def test_accept_truncated_keeps_cut_off_captions_for_the_tiny_profile(tmp_path_factory):

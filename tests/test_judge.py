@@ -193,6 +193,18 @@ def test_defaults_and_bad_configs():
     assert JudgeStage(JudgeConfig()).resources.num_gpus == 1
     assert JudgeStage(JudgeConfig(backend="openai")).resources.num_gpus == 0
     assert JudgeConfig().max_new_tokens == 160
-    for settings in ({"backend": "gpt"}, {"num_frames": 0}, {"api_key_env": "has space"}):
+    for settings in (
+        {"backend": "gpt"},
+        {"num_frames": 0},
+        {"api_key_env": "has space"},
+        {"api_key_block": "Has_Underscore"},
+        {"api_key_env": "JUDGE_KEY", "api_key_block": "judge-key"},
+    ):
         with pytest.raises(ValueError):
             JudgeConfig(**settings)
+
+
+def test_params_record_the_key_block_name_only():
+    params = JudgeStage(JudgeConfig(backend="openai", api_key_block="judge-key")).params()
+    assert params["api_key_block"] == "judge-key" and params["api_key_env"] is None
+    assert json.loads(json.dumps(params)) == params  # what a row's params column holds

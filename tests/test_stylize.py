@@ -390,6 +390,8 @@ def test_production_profile_without_weights_names_the_sdxl_repo(tmp_path, monkey
         {"backend": "http", "url": "ftp://example.com/edit"},
         {"backend": "http", "url": "https://user:secret@example.com/edit"},
         {"api_key_env": "not a name"},
+        {"api_key_block": "Not A Block"},
+        {"api_key_env": "MY_EDIT_KEY", "api_key_block": "edit-key"},  # two sources
         {"timeout_s": 0},
         {"max_retries": -1},
         {"http_concurrency": 0},
@@ -399,6 +401,24 @@ def test_production_profile_without_weights_names_the_sdxl_repo(tmp_path, monkey
 def test_bad_configs_raise_value_error(changes):
     with pytest.raises(ValueError, match="StylizeConfig"):
         StylizeConfig(**changes)
+
+
+def test_key_config_errors_never_echo_a_pasted_key():
+    with pytest.raises(ValueError, match="NAME of an environment variable") as as_env:
+        StylizeConfig(api_key_env=FAKE_API_KEY)
+    with pytest.raises(ValueError, match="looks like an API key") as as_block:
+        StylizeConfig(api_key_block=FAKE_API_KEY)
+    with pytest.raises(ValueError, match="must not carry credentials") as in_url:
+        StylizeConfig(backend="http", url=f"https://user:{FAKE_API_KEY}@example.com/edit")
+    for raised in (as_env, as_block, in_url):
+        assert FAKE_API_KEY not in str(raised.value)
+
+
+def test_a_block_name_replaces_the_default_variable():
+    config = StylizeConfig(backend="http", url="http://127.0.0.1:9/edit", api_key_block="edit-key")
+    assert config.api_key_env is None and config.api_key_block == "edit-key"
+    assert "edit-key" in repr(StylizeStage(config))
+    assert StylizeConfig().api_key_env == DEFAULT_API_KEY_ENV  # unchanged without a block
 
 
 def test_default_resources_follow_the_backend():
@@ -519,6 +539,21 @@ def test_http_key_never_leaks(server, http_config, reference_style, caplog):
     assert FAKE_API_KEY.encode() not in pickle.dumps(stage.backend)
     assert "bad key ***" in rejected.detail  # the service's text arrives, scrubbed
     stage.teardown()
+
+
+def test_a_loaded_http_stage_pickles_as_its_config(server, http_config, text_style):
+    stage = StylizeStage(http_config)
+    assert isinstance(stage([_sample(text_style)])[0], StylizeOutput)
+    shipped = pickle.dumps(stage)
+    assert FAKE_API_KEY.encode() not in shipped
+    clone = pickle.loads(shipped)
+    assert not clone.loaded and clone.backend is None and stage.loaded
+    server.requests.clear()
+    (result,) = clone([_sample(text_style, sample_id="clone")])  # reads $KEY again, and works
+    assert isinstance(result, StylizeOutput), result
+    assert {r.headers["Authorization"] for r in server.requests} == {f"Bearer {FAKE_API_KEY}"}
+    stage.teardown()
+    clone.teardown()
 
 
 def test_http_backend_needs_the_key_variable(server, monkeypatch, text_style):
