@@ -17,6 +17,8 @@ from collections.abc import Sequence
 from dataclasses import dataclass, field
 from typing import Any, ClassVar, Generic, TypeVar
 
+from datagen.native_heap import trim_native_heap
+
 In = TypeVar("In")
 Out = TypeVar("Out")
 
@@ -108,6 +110,7 @@ class Stage(ABC, Generic[In, Out]):
         self.stats.batches += 1
         self.stats.samples += len(batch)
         self.stats.rejects += sum(isinstance(r, Reject) for r in results)
+        trim_native_heap()  # the batch's buffers are free now: give their pages back
         return results
 
     def _process_within_memory(self, batch: list[In]) -> list[Out | Reject]:

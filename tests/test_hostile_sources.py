@@ -60,6 +60,69 @@ def test_every_bad_input_is_a_specific_reject_and_the_good_ones_become_pairs(tmp
     assert validate_dataset(config.dataset_dir).ok
 
 
+# Plans a folder in a child process that first drops root (the test machines run as root,
+# and root reads chmod-000 files): the kernel itself then denies the read.
+PLAN_AS_AN_UNPRIVILEGED_USER = """
+import json, os, sys
+import av  # imported while still root: the interpreter's own files may be root-only
+from datagen.plan import ClipSettings, plan_samples
+from datagen.styles import load_style_library
+library = load_style_library()
+settings = ClipSettings(num_frames=8, height=64, width=96, fps=8.0)
+plan_samples(sys.argv[2], library, settings=settings)  # warm every lazy import
+if os.geteuid() == 0:
+    os.setgroups([])
+    os.setgid(65534)
+    os.setuid(65534)
+plan = plan_samples(sys.argv[1], library, settings=settings)
+print(json.dumps({
+    "planned": sorted(s.source_uri.rsplit("/", 1)[-1] for s in plan.samples),
+    "rejects": {u.rsplit("/", 1)[-1]: [r.reason, r.detail] for u, r in plan.rejects},
+}))
+"""
+
+
+def test_a_file_the_kernel_refuses_to_read_is_rejected_as_unreadable():
+    import json
+    import shutil
+    import subprocess
+    import sys
+    import tempfile
+    from pathlib import Path
+
+    from helpers import REPO, moving_frames, write_video
+
+    # not under pytest's base temp, which is 0700: the unprivileged user must reach the files
+    root = Path(tempfile.mkdtemp(prefix="datagen-unreadable-"))
+    try:
+        folder, readable = root / "sources", root / "warm-up"
+        folder.mkdir()
+        readable.mkdir()
+        write_video(folder / "good.mp4", moving_frames(20, 64, 96))
+        write_video(folder / "locked.mp4", moving_frames(20, 64, 96))
+        write_video(readable / "warm.mp4", moving_frames(20, 64, 96))
+        for path in (root, folder, readable):
+            path.chmod(0o755)
+        for path in (folder / "good.mp4", readable / "warm.mp4"):
+            path.chmod(0o644)
+        (folder / "locked.mp4").chmod(0)
+        result = subprocess.run(
+            [sys.executable, "-c", PLAN_AS_AN_UNPRIVILEGED_USER, str(folder), str(readable)],
+            capture_output=True,
+            text=True,
+            cwd=REPO,
+            env=os.environ | {"PYTHONPATH": str(REPO)},
+        )
+    finally:
+        shutil.rmtree(root, ignore_errors=True)
+    assert result.returncode == 0, result.stderr[-2000:]
+    outcome = json.loads(result.stdout.strip().splitlines()[-1])
+    assert outcome["planned"] == ["good.mp4"], outcome
+    reason, detail = outcome["rejects"]["locked.mp4"]
+    assert reason == "unreadable"
+    assert "permission denied" in detail
+
+
 def test_an_unreadable_file_is_named_as_such(tmp_path, monkeypatch):
     # Root reads chmod-000 files anyway, so deny the access check the probe makes.
     victim = tmp_path / "secret.mp4"
