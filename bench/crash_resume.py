@@ -3,10 +3,13 @@
 Each round starts `datagen build ct` (the real flow, in its own process group) on the demo
 clips, kills the whole group with SIGKILL after a random delay (anywhere from start-up to
 writing shards), and audits the output for consistency (no duplicate, no sample both committed
-and rejected, no unreadable visible shard, index matching the shards). When a build has become
-complete it is audited in full (every planned sample in exactly one shard or the rejects) and
-the next kills hit a new build, so every kill lands on a build with work left. A final run
-completes the last build, which is audited in full too.
+and rejected, no unreadable visible shard, index matching the shards). Every `--mid-write-every`
+th kill instead lands while a file of the dataset is being written: the harness polls for the
+writer's hidden temporary (shard, index or rejects file) and kills the moment one exists. When a
+build has become complete it is rerun once (it must add nothing and sweep what killed writers
+left), audited in full (every planned sample in exactly one shard or the rejects, no leftover
+temporary) and the next kills hit a new build, so every kill lands on a build with work left. A
+final run completes the last build, which is audited in full too.
 With `--kill-actor`, one more run on Ray has a stage actor killed mid-run and must complete.
 
     python bench/crash_resume.py --kills 50
@@ -31,6 +34,7 @@ sys.path.insert(0, str(ROOT))
 from datagen.audit import audit_build  # noqa: E402
 from datagen.pipeline import BuildConfig  # noqa: E402
 from datagen.samples import SAMPLE_CLIPS, write_samples  # noqa: E402
+from datagen.store import hidden_temporaries  # noqa: E402
 
 STYLES = ("ink_wash", "watercolor")
 
@@ -76,6 +80,21 @@ def kill_group(process: subprocess.Popen) -> None:
     process.wait()
 
 
+def wait_for_a_write(
+    process: subprocess.Popen, dataset_dir: Path, leftovers: set[Path], timeout_s: float
+) -> str | None:
+    """Poll (every millisecond) until a new hidden temporary of the dataset exists, i.e. this
+    run is writing a shard, index or rejects file (`leftovers` are those of earlier killed
+    runs); returns its name, or None if the run ended or the time ran out."""
+    deadline = time.monotonic() + timeout_s
+    while time.monotonic() < deadline and process.poll() is None:
+        new = set(hidden_temporaries(dataset_dir)) - leftovers
+        if new:
+            return min(new).relative_to(dataset_dir).as_posix()
+        time.sleep(0.001)
+    return None
+
+
 def run_harness(
     kills: int,
     work: Path,
@@ -83,9 +102,11 @@ def run_harness(
     limit: int = 6,
     max_delay_s: float = 40.0,
     kill_actor: bool = False,
+    mid_write_every: int = 3,
     log=print,
 ) -> dict:
-    """Run the crash/resume rounds; return counts and the final audit (raises on a problem)."""
+    """Run the crash/resume rounds; return counts and the final audit (raises on a problem).
+    Every `mid_write_every`-th kill is aimed at a file being written (0: none)."""
     rng = random.Random(seed)
     source = work / "sources"
     write_samples(source, SAMPLE_CLIPS[:3])
@@ -104,10 +125,13 @@ def run_harness(
         )
 
     config = cycle_config(cycle)
-    survived, finished_early, completed_cycles = 0, 0, 0
+    survived, finished_early, completed_cycles, mid_write = 0, 0, 0, 0
     for round_number in range(kills):
+        aimed = mid_write_every > 0 and round_number % mid_write_every == mid_write_every - 1
         delay = rng.uniform(1.0, max_delay_s)
         out = Path(config.out)
+        leftovers = set(hidden_temporaries(config.dataset_dir))
+        started = time.monotonic()
         process = subprocess.Popen(
             build_command(source, out, limit, ray=False),
             env=env,
@@ -115,21 +139,30 @@ def run_harness(
             stderr=subprocess.DEVNULL,
             start_new_session=True,
         )
-        try:
-            process.wait(timeout=delay)
-            finished_early += 1  # the build finished before the kill came
-        except subprocess.TimeoutExpired:
+        writing = None
+        if aimed:
+            writing = wait_for_a_write(process, config.dataset_dir, leftovers, timeout_s=300)
+        else:
+            with contextlib.suppress(subprocess.TimeoutExpired):
+                process.wait(timeout=delay)
+        if process.poll() is None:
             kill_group(process)
+            mid_write += writing is not None
+        else:
+            finished_early += 1  # the build finished before the kill came
+        when = f"{time.monotonic() - started:5.1f} s" + (f" writing {writing}" if writing else "")
         audit = audit_build(config, complete=False)
         if not audit.ok:
-            raise AssertionError(f"after kill {round_number} at {delay:.1f} s: {audit.problems}")
+            raise AssertionError(f"after kill {round_number} at {when}: {audit.problems}")
         survived += 1
         log(
-            f"kill {round_number + 1}/{kills} at {delay:5.1f} s (build {cycle}): consistent "
+            f"kill {round_number + 1}/{kills} at {when} (build {cycle}): consistent "
             f"({audit.committed} committed, {audit.rejected} rejected so far)"
         )
         if audit.committed + audit.rejected == audit.planned:
-            # this build is complete: check it fully, then let the next kills hit a new one
+            # this build is complete: a rerun must add nothing and sweep what killed writers
+            # left; check it fully, then let the next kills hit a new one
+            run_to_completion(source, config, limit, env)
             complete = audit_build(config, complete=True)
             if not complete.ok:
                 raise AssertionError(f"build {cycle} complete but: {complete.problems}")
@@ -138,30 +171,39 @@ def run_harness(
             config = cycle_config(cycle)
     if kill_actor:
         kill_an_actor_mid_run(source, Path(config.out), limit, env, log)
-    final = subprocess.run(
-        build_command(source, Path(config.out), limit, ray=False),
-        env=env,
-        capture_output=True,
-        text=True,
-    )
-    if final.returncode != 0:
-        raise AssertionError(f"the final run failed: {final.stderr[-2000:]}")
+    run_to_completion(source, config, limit, env)
     audit = audit_build(config, complete=True)
     if not audit.ok:
         raise AssertionError(f"after the final run: {audit.problems}")
     log(
         f"final: {audit.planned} planned = {audit.committed} committed + {audit.rejected} "
-        f"rejected; {survived} kill points survived over {completed_cycles + 1} builds "
-        f"({finished_early} runs finished before their kill)"
+        f"rejected; {survived} kill points survived ({mid_write} while a file was being "
+        f"written) over {completed_cycles + 1} builds ({finished_early} runs finished before "
+        "their kill)"
     )
     return {
         "kills": survived,
+        "mid_write_kills": mid_write,
         "finished_before_kill": finished_early,
         "builds": completed_cycles + 1,
         "planned": audit.planned,
         "committed": audit.committed,
         "rejected": audit.rejected,
     }
+
+
+def run_to_completion(source: Path, config: BuildConfig, limit: int, env: dict) -> None:
+    with tempfile.TemporaryFile() as log_file:  # a file, never an unread pipe
+        final = subprocess.run(
+            build_command(source, Path(config.out), limit, ray=False),
+            env=env,
+            stdout=log_file,
+            stderr=subprocess.STDOUT,
+        )
+        if final.returncode != 0:
+            log_file.seek(0)
+            tail = log_file.read().decode(errors="replace")[-2000:]
+            raise AssertionError(f"the run to completion failed: {tail}")
 
 
 def kill_an_actor_mid_run(source: Path, out: Path, limit: int, env: dict, log) -> None:
@@ -210,6 +252,12 @@ def main() -> None:
     parser.add_argument("--limit", type=int, default=6)
     parser.add_argument("--max-delay", type=float, default=40.0)
     parser.add_argument("--kill-actor", action="store_true")
+    parser.add_argument(
+        "--mid-write-every",
+        type=int,
+        default=3,
+        help="every Nth kill lands while a shard, index or rejects file is being written (0: none)",
+    )
     args = parser.parse_args()
     with tempfile.TemporaryDirectory(prefix="datagen-crash-") as folder:
         started = time.perf_counter()
@@ -220,6 +268,7 @@ def main() -> None:
             limit=args.limit,
             max_delay_s=args.max_delay,
             kill_actor=args.kill_actor,
+            mid_write_every=args.mid_write_every,
         )
         print(f"{result} in {time.perf_counter() - started:.0f} s")
 

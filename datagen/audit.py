@@ -14,7 +14,7 @@ import pyarrow.parquet as pq
 
 from datagen.pipeline import BuildConfig
 from datagen.plan import plan_samples
-from datagen.store import list_shards, read_index, read_rejects
+from datagen.store import hidden_temporaries, list_shards, read_index, read_rejects
 from datagen.styles import load_style_library
 
 
@@ -84,4 +84,8 @@ def audit_build(config: BuildConfig, complete: bool = True) -> AuditReport:
         missing = planned - set(shard_ids) - set(rejects)
         if missing:
             report.problems.append(f"{len(missing)} planned sample(s) lost: {sorted(missing)[:5]}")
+        # a complete run sweeps what killed writers left (hidden, but disk space all the same)
+        leftovers = hidden_temporaries(directory)
+        if leftovers:
+            report.problems.append(f"{len(leftovers)} leftover temporary file(s): {leftovers[:3]}")
     return report

@@ -88,6 +88,9 @@ def main(
     ),
 ) -> None:
     """datagen command line."""
+    from datagen.native_heap import bound_native_heap
+
+    bound_native_heap()  # before any thread allocates: see datagen/native_heap.py
 
 
 @app.command("filter")
@@ -257,18 +260,51 @@ def build_command(
     shard_size: int = typer.Option(8, "--shard-size", min=1),
     profile: str = typer.Option("tiny", "--profile", help="tiny | production"),
     seed: int = typer.Option(0, "--seed"),
-    k_refs: int = typer.Option(3, "--k", min=0, max=16, help="Style references per sample."),
+    k_refs: int = typer.Option(3, "--k", min=1, max=16, help="Style references per sample."),
     csd_threshold: float = typer.Option(
         0.5, "--csd", min=-1.0, max=1.0, help="CT keeps csd_score > this."
     ),
     vlm_judge: bool = typer.Option(False, "--vlm-judge", help="Run the VLM judge."),
+    caption_backend: str = typer.Option(
+        "transformers",
+        "--caption-backend",
+        help="Caption and judge VLM: transformers (in-process) | openai (a VLM server).",
+    ),
+    caption_base_url: str = typer.Option(
+        None, "--caption-base-url", help="openai: the server, e.g. http://127.0.0.1:8000/v1."
+    ),
+    caption_model: str = typer.Option(
+        None, "--caption-model", help="openai: the served model name."
+    ),
+    vlm_api_key_block: str = typer.Option(
+        None,
+        "--vlm-api-key-block",
+        help="openai: NAME of the Prefect Secret block holding the server's API key "
+        "(default: the key in $DATAGEN_VLM_API_KEY, if any).",
+    ),
+    stylize_backend: str = typer.Option(
+        "sdxl", "--stylize-backend", help="sft: sdxl (in-process) | http (an image-edit API)."
+    ),
+    stylize_url: str = typer.Option(None, "--stylize-url", help="http: the image-edit endpoint."),
+    stylize_api_key_block: str = typer.Option(
+        None,
+        "--stylize-api-key-block",
+        help="http: NAME of the Prefect Secret block holding the API key "
+        "(default: the key in $DATAGEN_IMAGE_EDIT_API_KEY, if any).",
+    ),
     use_ray: bool = typer.Option(True, "--ray/--no-ray", help="Models in Ray actors."),
 ) -> None:
     """Run the build-ct or build-sft flow directly (a temporary local Prefect server when
-    PREFECT_API_URL is not set), for users without a Prefect server."""
+    PREFECT_API_URL is not set), for users without a Prefect server.
+
+    A Secret block named here must exist on the Prefect server the flow uses; without
+    PREFECT_API_URL that is the local database in PREFECT_HOME (create the block with
+    `prefect block create secret` in the same environment).
+    """
     if split not in ("ct", "sft"):
         _fail(f"split must be ct or sft, got {split!r}", code=2)
-    from datagen.pipeline import BuildConfigError
+    from datagen.api_keys import ApiKeyUnavailableError
+    from datagen.pipeline import BuildConfig, BuildConfigError
 
     parameters = dict(
         source=str(source),
@@ -281,13 +317,32 @@ def build_command(
         seed=seed,
         k_refs=k_refs,
         vlm_judge=vlm_judge,
-        use_ray=use_ray,
+        caption_backend=caption_backend,
+        caption_base_url=caption_base_url,
+        caption_model=caption_model,
+        vlm_api_key_block=vlm_api_key_block,
+    )
+    stylize = dict(
+        stylize_backend=stylize_backend,
+        stylize_url=stylize_url,
+        stylize_api_key_block=stylize_api_key_block,
     )
     if split == "ct":
         parameters["csd_threshold"] = csd_threshold
+        if (stylize_backend, stylize_url, stylize_api_key_block) != ("sdxl", None, None):
+            _fail(
+                "--stylize-backend, --stylize-url and --stylize-api-key-block are for sft "
+                "builds; the ct tier stylizes with SDXL",
+                code=2,
+            )
+    else:
+        parameters |= stylize
     try:
-        summary = _load_flow(split)(**parameters)
-    except BuildConfigError as error:
+        # Checked here too, so bad parameters fail at once, before a temporary Prefect server
+        # starts (the flow checks them again: deployments do not come through here).
+        BuildConfig(split=split, **(parameters | {"styles": tuple(styles or ())}))
+        summary = _load_flow(split)(**parameters, use_ray=use_ray)
+    except (BuildConfigError, ApiKeyUnavailableError) as error:
         _fail(str(error))
     say(
         f"{summary['written']} pairs written to {summary['out']} "

@@ -27,6 +27,7 @@ from prefect.artifacts import (
 )
 from prefect.cache_policies import NO_CACHE
 
+from datagen.native_heap import bound_native_heap
 from datagen.pipeline import (
     STAGE_FUNCTIONS,
     BuildConfig,
@@ -37,7 +38,7 @@ from datagen.pipeline import (
     stage_factories,
 )
 from datagen.stage import Resources
-from datagen.store import DatasetLock
+from datagen.store import DatasetLock, remove_hidden_temporaries
 from datagen.workdir import ShardWork
 
 # Runners of the builds running in this process, by run key. Tasks run in threads of the flow
@@ -82,10 +83,34 @@ def local_resources(declared: Resources, stages: int, cpus: float, gpus: float) 
     return Resources(num_gpus=num_gpus, num_cpus=round(num_cpus, 2))
 
 
+def prefect_api_url() -> str:
+    """The Prefect API this process talks to, without credentials. Without PREFECT_API_URL
+    that is the temporary server `datagen build` runs the flow on, which only this process
+    knows of."""
+    from urllib.parse import urlsplit, urlunsplit
+
+    from prefect import get_client
+
+    with get_client(sync_client=True) as client:
+        parts = urlsplit(str(client.api_url))
+    netloc = parts.hostname or ""
+    if ":" in netloc:  # an IPv6 literal
+        netloc = f"[{netloc}]"
+    if parts.port:
+        netloc += f":{parts.port}"
+    return urlunsplit((parts.scheme, netloc, parts.path.rstrip("/"), "", ""))
+
+
 @contextlib.contextmanager
 def stage_runners(config: BuildConfig, use_ray: bool):
-    """Start one runner per stage (Ray actor pools, or in-process stages) and stop them."""
+    """Start one runner per stage (Ray actor pools, or in-process stages) and stop them.
+
+    A stage whose API key is in a Prefect Secret block reads the block in its actor, when it
+    loads: its actors get PREFECT_API_URL, the API this flow uses (nothing secret: Prefect
+    Cloud's PREFECT_API_KEY must already be in the Ray workers' environment).
+    """
     factories = stage_factories(config)
+    blocks = config.key_blocks()
     runners: dict[str, Any] = {}
     started_ray = False
     try:
@@ -98,6 +123,7 @@ def stage_runners(config: BuildConfig, use_ray: bool):
             init_ray()
             total = ray.cluster_resources()
             cluster = bool(os.environ.get("RAY_ADDRESS"))
+            prefect_env = {"PREFECT_API_URL": prefect_api_url()} if blocks else None
             for name, factory in factories.items():
                 declared = factory().resources
                 resources = (
@@ -108,7 +134,13 @@ def stage_runners(config: BuildConfig, use_ray: bool):
                     )
                 )
                 runners[name] = StagePool(
-                    factory, resources, size=1, torch_threads=None if cluster else 1
+                    factory,
+                    resources,
+                    size=1,
+                    torch_threads=None if cluster else 1,
+                    call_timeout_s=config.stage_timeout_s,
+                    name=name,
+                    env=prefect_env if name in blocks else None,
                 )
         else:
             for name, factory in factories.items():
@@ -182,7 +214,14 @@ def write_task(shard: str, config: BuildConfig, provenance: dict) -> dict:
 
 def run_build(config: BuildConfig, use_ray: bool = True) -> dict:
     """The body of the build-ct and build-sft flows (see flows/)."""
+    bound_native_heap()  # a deployment's flow process does not start from our CLI
     with DatasetLock(config.dataset_dir, purpose=f"build-{config.split}"):
+        # Holding the lock, every hidden temporary belongs to a writer that was killed.
+        leftovers = remove_hidden_temporaries(config.dataset_dir)
+        if leftovers:
+            get_run_logger().info(
+                "removed %d temporary file(s) of an interrupted run", len(leftovers)
+            )
         return _run_build_locked(config, use_ray)
 
 

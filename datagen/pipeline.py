@@ -23,6 +23,7 @@ from typing import Any, Protocol
 import numpy as np
 
 from datagen import __version__
+from datagen.api_keys import check_key_source, resolve_api_key
 from datagen.plan import ClipSettings, PlannedSample, plan_samples, ref_frame_indices, shards_of
 from datagen.stage import Reject, Stage
 from datagen.store import (
@@ -41,6 +42,8 @@ from datagen.video import ClipSpec, VideoError, encode_mp4, read_clip
 from datagen.workdir import ShardWork
 
 STAGES = ("control", "stylize", "animate", "caption", "score", "judge")
+CAPTION_BACKENDS = ("transformers", "openai")  # datagen/vlm.py
+STYLIZE_BACKENDS = ("sdxl", "http")  # datagen/stylize.py
 DEFAULT_ANIMATE_PROMPT = (
     "a high quality video with smooth, natural motion, consistent subjects and stable details"
 )
@@ -106,6 +109,11 @@ class BuildConfig:
     caption_model: str | None = None
     stylize_backend: str = "sdxl"
     stylize_url: str | None = None
+    # Prefect Secret blocks holding API keys, by NAME (never the key): the VLM server's for
+    # caption and judge (caption_backend "openai"), the image-edit service's (stylize_backend
+    # "http"). The stage that sends the requests reads its block when it loads.
+    vlm_api_key_block: str | None = None
+    stylize_api_key_block: str | None = None
     stage_timeout_s: float = 3600.0  # a stage call slower than this is hung: its samples reject
     shards_in_flight: int = 2  # shards between plan and write at once (bounds memory)
 
@@ -124,8 +132,8 @@ class BuildConfig:
         for name in ("clips_per_video", "shard_size", "batch_size", "shards_in_flight"):
             if getattr(self, name) < 1:
                 problems.append(f"{name} must be >= 1, got {getattr(self, name)}")
-        if not 0 <= self.k_refs <= 16:
-            problems.append(f"k_refs must be in [0, 16], got {self.k_refs}")
+        if not 1 <= self.k_refs <= 16:  # a pair carries K >= 1 style references
+            problems.append(f"k_refs must be in [1, 16], got {self.k_refs}")
         if not -1.0 <= self.csd_threshold <= 1.0:
             problems.append(f"csd_threshold must be in [-1, 1], got {self.csd_threshold}")
         if self.require_vlm_pass and not self.vlm_judge:
@@ -134,6 +142,7 @@ class BuildConfig:
             problems.append(f"stage_timeout_s must be > 0, got {self.stage_timeout_s}")
         if not 0 <= self.crf <= 51:
             problems.append(f"crf must be in [0, 51], got {self.crf}")
+        problems += self._backend_problems()
         if self.profile in PROFILE_DEFAULTS:
             settings = self.clip_settings()
             if (settings.num_frames - 1) % 4:
@@ -149,6 +158,68 @@ class BuildConfig:
         problems += _check_writable(Path(self.out))
         if problems:
             raise BuildConfigError("invalid build parameters: " + "; ".join(problems))
+
+    def _backend_problems(self) -> list[str]:
+        """The caption and stylize backends with their URLs and key blocks. A setting for a
+        backend this build does not use is refused rather than silently ignored."""
+        problems = []
+        for field_name in ("vlm_api_key_block", "stylize_api_key_block"):
+            try:  # its messages never echo the value: a key pasted here stays out of logs
+                check_key_source(None, getattr(self, field_name), block_field=field_name)
+            except ValueError as error:
+                problems.append(str(error))
+        if self.caption_backend not in CAPTION_BACKENDS:
+            problems.append(
+                f"caption_backend must be one of {CAPTION_BACKENDS}, got {self.caption_backend!r}"
+            )
+        elif self.caption_backend == "openai":
+            from datagen.vlm import VLMConfig
+
+            try:  # the stage's own checks of the server URL and model name
+                VLMConfig(**_vlm_server(self), api_key_env=None)
+            except ValueError as error:
+                problems.append(f"caption: {error}")
+        else:
+            problems += _unused(
+                self,
+                "caption_backend",
+                "'openai' (a VLM server)",
+                ("caption_base_url", "caption_model", "vlm_api_key_block"),
+            )
+        if self.stylize_backend not in STYLIZE_BACKENDS:
+            problems.append(
+                f"stylize_backend must be one of {STYLIZE_BACKENDS}, got {self.stylize_backend!r}"
+            )
+        elif self.stylize_backend == "http":
+            from datagen.stylize import StylizeConfig
+
+            if self.stylize_url is None:
+                problems.append("stylize_backend 'http' needs stylize_url (the image-edit API)")
+            else:
+                try:  # the stage's own checks of the URL
+                    StylizeConfig(backend="http", url=self.stylize_url, api_key_env=None)
+                except ValueError as error:
+                    problems.append(f"stylize_url: {error}".replace("StylizeConfig: ", ""))
+        else:
+            problems += _unused(
+                self,
+                "stylize_backend",
+                "'http' (an image-edit API)",
+                ("stylize_url", "stylize_api_key_block"),
+            )
+        return problems
+
+    def key_blocks(self) -> dict[str, str]:
+        """stage -> the Prefect Secret block it reads its API key from, for this run's stages
+        that read one."""
+        blocks = {}
+        if self.vlm_api_key_block is not None:
+            blocks["caption"] = self.vlm_api_key_block
+            if self.vlm_judge:
+                blocks["judge"] = self.vlm_api_key_block
+        if self.stylize_api_key_block is not None:
+            blocks["stylize"] = self.stylize_api_key_block
+        return blocks
 
     def default(self, name: str) -> Any:
         value = getattr(self, name)
@@ -168,9 +239,53 @@ class BuildConfig:
 
     @property
     def work_root(self) -> Path:
-        """Work files of this exact build (same parameters -> same folder -> resume)."""
-        key = hashlib.sha256(json.dumps(asdict(self), sort_keys=True).encode()).hexdigest()
+        """Work files of this exact build (same parameters -> same folder -> resume).
+
+        Fields that cannot change the output (WORK_KEY_EXCLUDED) stay out of the key, so a
+        build resumes whichever block holds its key, and work folders of builds interrupted
+        before those fields existed keep their names.
+        """
+        fields = {k: v for k, v in asdict(self).items() if k not in WORK_KEY_EXCLUDED}
+        key = hashlib.sha256(json.dumps(fields, sort_keys=True).encode()).hexdigest()
         return Path(self.out) / "_work" / f"{self.split}-{key[:12]}"
+
+
+# BuildConfig fields that do not change a build's output, left out of its work_root key.
+# (stage_timeout_s and shards_in_flight do not either, but they were in the key before this
+# set existed; leaving them out now would orphan the work of interrupted builds.)
+WORK_KEY_EXCLUDED = frozenset({"vlm_api_key_block", "stylize_api_key_block"})
+
+
+def _unused(config: BuildConfig, backend: str, used_with: str, names: tuple[str, ...]) -> list:
+    """A problem per setting in `names` that is set although `backend` is not `used_with`."""
+    return [
+        f"{name} is only used with {backend} {used_with}, and {backend} is "
+        f"{getattr(config, backend)!r}"
+        for name in names
+        if getattr(config, name) is not None
+    ]
+
+
+def _vlm_server(config: BuildConfig) -> dict[str, Any]:
+    """The openai-backend settings of caption and judge (VLMConfig's defaults where unset)."""
+    server: dict[str, Any] = {"backend": "openai"}
+    if config.caption_base_url is not None:
+        server["base_url"] = config.caption_base_url
+    if config.caption_model is not None:
+        server["model"] = config.caption_model
+    return server
+
+
+def check_key_blocks(config: BuildConfig) -> None:
+    """Read each Prefect Secret block the build names, once, in this process, and drop the
+    value: a missing or unreadable block fails the build before any work (with
+    ApiKeyUnavailableError naming the block and the Prefect API asked), not in a stage actor
+    after the plan. The stages read their keys again where they send the requests."""
+    needs: dict[str, list[str]] = {}
+    for stage, block in config.key_blocks().items():
+        needs.setdefault(block, []).append(stage)
+    for block, stages in needs.items():
+        resolve_api_key(None, block, " and ".join(stages))
 
 
 def _check_writable(out: Path) -> list[str]:
@@ -250,6 +365,7 @@ class _StageFactory:
                     steps=c.default("stylize_steps"),
                     resolution=PROFILE_DEFAULTS[c.profile]["stylize_resolution"],
                     url=c.stylize_url,
+                    api_key_block=c.stylize_api_key_block,
                 )
             )
         if self.name == "animate":
@@ -267,13 +383,13 @@ class _StageFactory:
                 )
             )
         if self.name in ("caption", "judge"):
-            backend = {
-                "backend": "openai" if c.caption_backend == "openai" else "transformers",
+            backend: dict[str, Any] = {
+                "backend": c.caption_backend,
                 "profile": c.profile,
                 "tiny_dir": tiny,
             }
             if c.caption_backend == "openai":
-                backend |= {"base_url": c.caption_base_url, "model": c.caption_model}
+                backend |= _vlm_server(c) | {"api_key_block": c.vlm_api_key_block}
             if self.name == "caption":
                 from datagen.caption import CaptionConfig, CaptionStage
 

@@ -70,6 +70,9 @@ class StageActor:
     """Holds one Stage: loads its model(s) once at construction, then serves batches."""
 
     def __init__(self, factory: Callable[[], Stage], torch_threads: int | None = None):
+        from datagen.native_heap import bound_native_heap
+
+        bound_native_heap()  # before the model loads: see datagen/native_heap.py
         if torch_threads:
             import torch
 
@@ -111,7 +114,10 @@ class StagePool:
         torch_threads: int | None = None,
         call_timeout_s: float | None = None,
         name: str | None = None,
+        env: dict[str, str] | None = None,
     ):
+        """`env`: environment variables of the actors' processes (Ray merges them with the
+        job's runtime_env); never a secret, as Ray keeps runtime_envs in its control store."""
         import ray
 
         if size < 1:
@@ -124,7 +130,10 @@ class StagePool:
             raise ValueError("call_timeout_s must be > 0")
         self.call_timeout_s = call_timeout_s
         self.name = name or getattr(factory, "name", "stage")
-        self._remote_class = ray.remote(StageActor).options(**ray_options(resources))
+        options = ray_options(resources)
+        if env:
+            options["runtime_env"] = {"env_vars": dict(env)}
+        self._remote_class = ray.remote(StageActor).options(**options)
         self._factory, self._torch_threads = factory, torch_threads
         self.replacements = 0
         self.actors = [self._start_actor() for _ in range(size)]

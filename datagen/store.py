@@ -420,11 +420,27 @@ def _nullable(schema: pa.Schema) -> pa.Schema:
 
 def write_index_file(dataset_dir: Path, index: pa.Table, shards: list[str], stem: str) -> Path:
     """Write an index file covering `shards` (their names go in the file's metadata)."""
+    return write_index_tables(dataset_dir, [index], shards, stem)
+
+
+def write_index_tables(
+    dataset_dir: Path, tables: Iterable[pa.Table], shards: list[str], stem: str
+) -> Path:
+    """Write an index file covering `shards` from `tables` in the index schema, taken one at a
+    time (each becomes a row group, so the file can be read back in batches too). The file
+    appears only complete."""
     schema = table_schema(INDEX)
     metadata = dict(schema.metadata) | {COVERS_KEY: json.dumps(sorted(shards)).encode()}
-    index = index.replace_schema_metadata(metadata)
     final = dataset_dir / INDEX_DIR / f"{stem}{PARQUET_SUFFIX}"
-    write_table_atomic(index, final, compression="zstd")
+    tmp = temporary_path(final)
+    try:
+        with pq.ParquetWriter(tmp, schema.with_metadata(metadata), compression="zstd") as writer:
+            for table in tables:
+                writer.write_table(table.replace_schema_metadata(metadata))
+        commit_file(tmp, final)
+    except BaseException:
+        tmp.unlink(missing_ok=True)
+        raise
     return final
 
 
@@ -442,9 +458,11 @@ def _covered_shards(file: pq.ParquetFile, path: Path) -> list[str]:
     return json.loads(metadata[COVERS_KEY])
 
 
-def _open_parquet(path: Path) -> pq.ParquetFile:
+def _open_parquet(path: Path, pre_buffer: bool = True) -> pq.ParquetFile:
+    """Open a Parquet file of the dataset. `pre_buffer=False` for files read in batches:
+    pre-buffering keeps every column chunk read until the file is closed."""
     try:
-        return pq.ParquetFile(path)
+        return pq.ParquetFile(path, pre_buffer=pre_buffer)
     except (pa.ArrowInvalid, OSError) as error:
         raise DatasetError(f"{path}: corrupt or not a Parquet file ({error})") from None
 
@@ -455,7 +473,8 @@ def compact_index(
     """Merge index files into one (all, or those covering only shards in `only`).
 
     The merged file is written before the old ones are deleted; a crash in between leaves
-    overlapping files, which `read_index` resolves by shard.
+    overlapping files, which `read_index` resolves by shard. The index is streamed through in
+    batches, so compacting a large index holds one batch at a time.
     """
     dataset_dir = Path(dataset_dir)
     files = []
@@ -466,8 +485,8 @@ def compact_index(
     if len(files) <= 1 and (only is None or not files or files[0][0].stem == name):
         return
     shards = sorted({s for _, covers in files for s in covers})
-    table = read_index(dataset_dir, restrict_to=set(shards))
-    merged = write_index_file(dataset_dir, table, shards, name)
+    batches = iter_index(dataset_dir, restrict_to=set(shards))
+    merged = write_index_tables(dataset_dir, batches, shards, name)
     for path, _ in files:
         if path != merged:
             path.unlink(missing_ok=True)
@@ -487,6 +506,93 @@ def rebuild_shard_index(dataset_dir: Path, shard: str) -> pa.Table:
     return conform(table, table_schema(INDEX))
 
 
+def _index_schema(columns: list[str] | None) -> pa.Schema:
+    """The index schema, or its `columns` in schema order."""
+    schema = table_schema(INDEX)
+    wanted = schema.names if columns is None else [c for c in schema.names if c in columns]
+    return pa.schema([schema.field(c) for c in wanted], metadata=schema.metadata)
+
+
+def _read_batches(
+    file: pq.ParquetFile, columns: list[str] | None, batch_rows: int | None
+) -> Iterator[pa.Table]:
+    """A Parquet file's `columns` (None: all) as tables of at most `batch_rows` rows (None: the
+    whole file as one table)."""
+    if batch_rows is None:
+        yield file.read(columns=columns)
+        return
+    # Decoded in the calling thread: a batch is small, and Arrow's pool threads would each keep
+    # freed buffers of their own, which shows as resident memory that grows with the file.
+    for batch in file.iter_batches(batch_size=batch_rows, columns=columns, use_threads=False):
+        yield pa.Table.from_batches([batch])
+
+
+def iter_index(
+    dataset_dir: str | os.PathLike,
+    restrict_to: set[str] | None = None,
+    rebuild_missing: bool = True,
+    columns: list[str] | None = None,
+    batch_rows: int | None = 65_536,
+) -> Iterator[pa.Table]:
+    """The rows of `read_index`, in the same order, as non-empty tables of at most `batch_rows`
+    rows (None: one table per index file or rebuilt shard), so that a reader of a large index
+    holds one batch at a time.
+
+    Reconciliation with the shards on disk: compacted files are read first (they cover the
+    most shards); a file overlapping them after an interrupted compaction contributes only the
+    shards not covered yet; entries of uncommitted shards are dropped; unindexed shards are
+    rebuilt from their scalar columns. Every index file is opened and its schema checked when
+    this is called, before the first table is produced.
+    """
+    if batch_rows is not None and batch_rows < 1:
+        raise ValueError(f"batch_rows must be >= 1 or None, got {batch_rows}")
+    dataset_dir = Path(dataset_dir)
+    present = set(list_shards(dataset_dir))
+    if restrict_to is not None:
+        present &= restrict_to
+    candidates = []
+    for path in _index_files(dataset_dir):
+        file = _open_parquet(path, pre_buffer=False)
+        check_schema(file.schema_arrow, INDEX, str(path))
+        candidates.append((file, _covered_shards(file, path)))
+    # Compacted files first: they cover the most shards.
+    candidates.sort(key=lambda item: -len(item[1]))
+    plan: list[tuple[pq.ParquetFile, list[str] | None]] = []  # None: every row of the file
+    covered: set[str] = set()
+    for file, covers in candidates:
+        take = [s for s in covers if s in present and s not in covered]
+        if take:
+            plan.append((file, None if len(take) == len(covers) else take))
+            covered.update(take)
+    unindexed = sorted(present - covered) if rebuild_missing else []
+    schema = _index_schema(columns)
+    return _planned_index(dataset_dir, plan, unindexed, schema, batch_rows)
+
+
+def _planned_index(
+    dataset_dir: Path,
+    plan: list[tuple[pq.ParquetFile, list[str] | None]],
+    unindexed: list[str],
+    schema: pa.Schema,
+    batch_rows: int | None,
+) -> Iterator[pa.Table]:
+    wanted = schema.names
+    for file, only in plan:
+        read = wanted if only is None or "shard" in wanted else [*wanted, "shard"]
+        keep = None if only is None else pa.array(only, pa.string())
+        for table in _read_batches(file, read, batch_rows):
+            if keep is not None:  # overlapping file: only the shards no other file covered
+                table = table.filter(pc.is_in(table["shard"], keep))
+            if table.num_rows:
+                yield table.select(wanted).replace_schema_metadata(schema.metadata)
+    for shard in unindexed:
+        rebuilt = rebuild_shard_index(dataset_dir, shard).select(wanted)
+        rebuilt = rebuilt.replace_schema_metadata(schema.metadata)
+        step = batch_rows or max(rebuilt.num_rows, 1)
+        for start in range(0, rebuilt.num_rows, step):
+            yield rebuilt.slice(start, step)
+
+
 def read_index(
     dataset_dir: str | os.PathLike,
     restrict_to: set[str] | None = None,
@@ -495,41 +601,10 @@ def read_index(
 ) -> pa.Table:
     """The index of every committed shard (or of `restrict_to`), reconciled with the shards
     on disk: entries of uncommitted shards are dropped, unindexed shards are rebuilt.
-    `columns` reads only those index columns (in schema order)."""
-    dataset_dir = Path(dataset_dir)
-    present = set(list_shards(dataset_dir))
-    if restrict_to is not None:
-        present &= restrict_to
-    candidates = []
-    for path in _index_files(dataset_dir):
-        file = _open_parquet(path)
-        check_schema(file.schema_arrow, INDEX, str(path))
-        candidates.append((file, _covered_shards(file, path)))
-    # Compacted files first: they cover the most shards.
-    candidates.sort(key=lambda item: -len(item[1]))
-    schema = table_schema(INDEX)
-    wanted = schema.names if columns is None else [c for c in schema.names if c in columns]
-    schema = pa.schema([schema.field(c) for c in wanted], metadata=schema.metadata)
-    covered: set[str] = set()
-    tables = []
-    for file, covers in candidates:
-        take = [s for s in covers if s in present and s not in covered]
-        if not take:
-            continue
-        if len(take) == len(covers):
-            table = file.read(columns=wanted)
-        else:  # overlapping files after an interrupted compaction: keep the uncovered shards
-            table = file.read(columns=list({*wanted, "shard"}))
-            table = table.filter(pc.is_in(table["shard"], pa.array(take, pa.string())))
-        tables.append(table.select(wanted))
-        covered.update(take)
-    if rebuild_missing:
-        for shard in sorted(present - covered):
-            rebuilt = rebuild_shard_index(dataset_dir, shard)
-            tables.append(rebuilt.select(wanted))
-    if not tables:
-        return schema.empty_table()
-    return pa.concat_tables([t.replace_schema_metadata(schema.metadata) for t in tables])
+    `columns` reads only those index columns (in schema order). Held whole in memory; use
+    `iter_index` to stream a large index."""
+    tables = list(iter_index(dataset_dir, restrict_to, rebuild_missing, columns, batch_rows=None))
+    return pa.concat_tables(tables) if tables else _index_schema(columns).empty_table()
 
 
 # --- derived datasets (filter, review finalize) --------------------------------------------
@@ -593,6 +668,15 @@ def hidden_temporaries(dataset_dir: str | os.PathLike) -> list[Path]:
     dataset_dir = Path(dataset_dir)
     folders = [dataset_dir, dataset_dir / INDEX_DIR, dataset_dir / REJECTS_DIR]
     return sorted(p for f in folders if f.is_dir() for p in f.glob(".*.tmp-*"))
+
+
+def remove_hidden_temporaries(dataset_dir: str | os.PathLike) -> list[Path]:
+    """Delete the temporaries that killed writers left behind; call it only while holding
+    the dataset's DatasetLock (then no live writer can own one). Returns what was removed."""
+    removed = hidden_temporaries(dataset_dir)
+    for path in removed:
+        path.unlink(missing_ok=True)
+    return removed
 
 
 class Dataset:
@@ -770,18 +854,38 @@ class RejectsWriter:
         self.close()
 
 
-def read_rejects(dataset_dir: str | os.PathLike) -> pa.Table:
+def iter_rejects(
+    dataset_dir: str | os.PathLike, batch_rows: int | None = 65_536
+) -> Iterator[pa.Table]:
+    """The rows of `read_rejects`, in the same order (files by name), as non-empty tables of at
+    most `batch_rows` rows (None: one table per file). Every file is opened and its schema
+    checked when this is called, before the first table is produced."""
+    if batch_rows is not None and batch_rows < 1:
+        raise ValueError(f"batch_rows must be >= 1 or None, got {batch_rows}")
     folder = Path(dataset_dir) / REJECTS_DIR
-    schema = table_schema(REJECTS)
-    files = sorted(folder.glob(f"*{PARQUET_SUFFIX}")) if folder.is_dir() else []
-    tables = []
-    for path in files:
+    paths = sorted(folder.glob(f"*{PARQUET_SUFFIX}")) if folder.is_dir() else []
+    files = []
+    for path in paths:
         if path.name.startswith("."):
             continue
-        file = _open_parquet(path)
+        file = _open_parquet(path, pre_buffer=False)
         check_schema(file.schema_arrow, REJECTS, str(path))
-        tables.append(file.read().replace_schema_metadata(schema.metadata))
-    return pa.concat_tables(tables) if tables else schema.empty_table()
+        files.append(file)
+    return _rejects_batches(files, batch_rows)
+
+
+def _rejects_batches(files: list[pq.ParquetFile], batch_rows: int | None) -> Iterator[pa.Table]:
+    metadata = table_schema(REJECTS).metadata
+    for file in files:
+        for table in _read_batches(file, None, batch_rows):
+            if table.num_rows:
+                yield table.replace_schema_metadata(metadata)
+
+
+def read_rejects(dataset_dir: str | os.PathLike) -> pa.Table:
+    """Every rejects row of a dataset, held whole in memory (`iter_rejects` streams them)."""
+    tables = list(iter_rejects(dataset_dir, batch_rows=None))
+    return pa.concat_tables(tables) if tables else table_schema(REJECTS).empty_table()
 
 
 def iter_tables(tables: Iterable[pa.Table]) -> Iterator[pa.RecordBatch]:
@@ -797,8 +901,11 @@ __all__ = [
     "ShardLimits",
     "ShardWriter",
     "compact_index",
+    "iter_index",
+    "iter_rejects",
     "list_shards",
     "read_index",
     "read_rejects",
+    "remove_hidden_temporaries",
     "row_group_starts",
 ]

@@ -3,7 +3,10 @@
     plan -> control -> stylize -> animate -> caption -> score [-> judge] -> write
 
 CT keeps pairs with `csd_score > csd_threshold` (0.5 in the paper) and, when asked, a passing
-VLM verdict; the rest are recorded as rejects with their reason. Run it through a deployment
+VLM verdict; the rest are recorded as rejects with their reason. Caption (and judge) may use an
+OpenAI-compatible VLM server (`caption_backend="openai"`, `caption_base_url`, `caption_model`),
+whose API key comes from $DATAGEN_VLM_API_KEY on the stage's worker or from the Prefect Secret
+block named by `vlm_api_key_block` (datagen/api_keys.py). Run it through a deployment
 (`prefect deployment run build-ct/local`) or directly (`datagen build ct ...`).
 """
 
@@ -14,7 +17,7 @@ from typing import Literal
 from prefect import flow
 
 from datagen.orchestrate import run_build
-from datagen.pipeline import BuildConfig
+from datagen.pipeline import BuildConfig, check_key_blocks
 
 
 @flow(name="build-ct", log_prints=True)
@@ -33,6 +36,10 @@ def build_ct(
     csd_threshold: float = 0.5,
     vlm_judge: bool = False,
     require_vlm_pass: bool = False,
+    caption_backend: Literal["transformers", "openai"] = "transformers",
+    caption_base_url: str | None = None,
+    caption_model: str | None = None,
+    vlm_api_key_block: str | None = None,
     num_frames: int | None = None,
     height: int | None = None,
     width: int | None = None,
@@ -57,10 +64,15 @@ def build_ct(
         csd_threshold=csd_threshold,
         vlm_judge=vlm_judge,
         require_vlm_pass=require_vlm_pass,
+        caption_backend=caption_backend,
+        caption_base_url=caption_base_url,
+        caption_model=caption_model,
+        vlm_api_key_block=vlm_api_key_block,
         num_frames=num_frames,
         height=height,
         width=width,
         fps=fps,
         batch_size=batch_size,
     )
+    check_key_blocks(config)  # a missing Secret block fails here, before any work
     return run_build(config, use_ray=use_ray)

@@ -1,8 +1,12 @@
 """Flow `build-sft`: SFT candidates, written with `review_status = pending` for human review.
 
 Same stages as build-ct; the stylize stage may use the higher-quality HTTP image-edit backend
-(`stylize_backend="http"`, `stylize_url`, key from $DATAGEN_IMAGE_EDIT_API_KEY). Nothing is
-filtered out automatically: every candidate goes to `datagen review`.
+(`stylize_backend="http"`, `stylize_url`), and caption (and judge) an OpenAI-compatible VLM
+server (`caption_backend="openai"`, `caption_base_url`, `caption_model`). Their API keys come
+from $DATAGEN_IMAGE_EDIT_API_KEY and $DATAGEN_VLM_API_KEY on the stage's worker, or from the
+Prefect Secret blocks named by `stylize_api_key_block` and `vlm_api_key_block`
+(datagen/api_keys.py). Nothing is filtered out automatically: every candidate goes to
+`datagen review`.
 """
 
 from __future__ import annotations
@@ -12,7 +16,7 @@ from typing import Literal
 from prefect import flow
 
 from datagen.orchestrate import run_build
-from datagen.pipeline import BuildConfig
+from datagen.pipeline import BuildConfig, check_key_blocks
 
 
 @flow(name="build-sft", log_prints=True)
@@ -31,6 +35,11 @@ def build_sft(
     vlm_judge: bool = False,
     stylize_backend: Literal["sdxl", "http"] = "sdxl",
     stylize_url: str | None = None,
+    stylize_api_key_block: str | None = None,
+    caption_backend: Literal["transformers", "openai"] = "transformers",
+    caption_base_url: str | None = None,
+    caption_model: str | None = None,
+    vlm_api_key_block: str | None = None,
     num_frames: int | None = None,
     height: int | None = None,
     width: int | None = None,
@@ -55,10 +64,16 @@ def build_sft(
         vlm_judge=vlm_judge,
         stylize_backend=stylize_backend,
         stylize_url=stylize_url,
+        stylize_api_key_block=stylize_api_key_block,
+        caption_backend=caption_backend,
+        caption_base_url=caption_base_url,
+        caption_model=caption_model,
+        vlm_api_key_block=vlm_api_key_block,
         num_frames=num_frames,
         height=height,
         width=width,
         fps=fps,
         batch_size=batch_size,
     )
+    check_key_blocks(config)  # a missing Secret block fails here, before any work
     return run_build(config, use_ray=use_ray)

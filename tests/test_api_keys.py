@@ -5,10 +5,13 @@ block is what reaches the service, and it appears in no repr, log, error, pickle
 
 from __future__ import annotations
 
+import hashlib
 import json
 import logging
+import os
 import pickle
 import socket
+from pathlib import Path
 
 import numpy as np
 import pytest
@@ -25,6 +28,7 @@ from datagen.api_keys import (
 from datagen.caption import CaptionConfig, CaptionInput, CaptionOutput, CaptionStage
 from datagen.judge import JudgeConfig, JudgeInput, JudgeOutput, JudgeStage
 from datagen.pipeline import LocalRunner, collect_provenance
+from datagen.stage import Resources, Stage
 from datagen.styles import Style
 from datagen.stylize import (
     IMAGE_EDIT_FAILED,
@@ -34,6 +38,8 @@ from datagen.stylize import (
     StylizeStage,
 )
 from datagen.vlm import VLMServerError
+
+TESTS = Path(__file__).resolve().parent
 
 VLM_BLOCK = "datagen-test-vlm-key"
 VLM_KEY = "sk-block-vlm-0123456789-secret"
@@ -339,3 +345,148 @@ def test_stages_with_a_missing_block_fail_at_setup_naming_it(prefect_api):
     with pytest.raises(ApiKeyUnavailableError, match="stylize.*'missing-edit-key' does not"):
         stylize.setup()
     assert not caption.loaded and not stylize.loaded
+
+
+# --- a whole build, the key in a block on the build's Prefect server ------------------------
+
+
+@pytest.fixture(scope="module")
+def clips(tmp_path_factory):
+    from datagen.samples import SAMPLE_CLIPS, write_samples
+
+    folder = tmp_path_factory.mktemp("clips")
+    write_samples(folder, SAMPLE_CLIPS[:2])
+    return folder
+
+
+def prefect_records() -> list[str]:
+    """Everything the Prefect server tells about runs: flow runs with their parameters, task
+    runs, artifacts and logs (sent logs flushed first)."""
+    from prefect import get_client
+    from prefect.logging.handlers import APILogHandler
+
+    APILogHandler().flush()  # blocks until the logs queued for the API are sent
+    texts: list[str] = []
+    with get_client(sync_client=True) as client:
+        for read in (
+            client.read_flow_runs,
+            client.read_task_runs,
+            client.read_artifacts,
+            client.read_logs,
+        ):
+            offset = 0
+            while page := read(limit=200, offset=offset):
+                texts += [json.dumps(item.model_dump(mode="json")) for item in page]
+                offset += len(page)
+    return texts
+
+
+def build_ct(clips, out, **parameters) -> dict:
+    """The build-ct flow that `datagen build ct` and the deployments run, with caption on an
+    OpenAI-compatible server. Called directly, as tests/test_flows.py does: Prefect's console
+    log handler keeps the stream it first wrote to, and a CliRunner's (or capfd's) stream is
+    closed by the time the next run logs."""
+    from datagen.cli import _load_flow
+
+    return _load_flow("ct")(
+        source=str(clips),
+        out=str(out),
+        styles=["watercolor"],
+        caption_backend="openai",
+        caption_model="fake-vlm",
+        **parameters,
+    )
+
+
+@pytest.mark.slow
+def test_a_build_on_ray_reads_the_vlm_key_from_its_block_and_records_it_nowhere(
+    prefect_api, clips, tmp_path
+):
+    """A build with caption on a VLM server that requires the key, the key only in a Secret
+    block: every request carries it, the rows are written, and the key is in no file of the
+    output and no Prefect record (parameters, logs, artifacts). The caption stage's Ray actor
+    is a process of its own, without this test's Prefect settings (PREFECT_API_URL is not in
+    the environment): it reaches the block through the PREFECT_API_URL the build gives it."""
+    from datagen.validate import validate_dataset
+
+    assert "PREFECT_API_URL" not in os.environ  # Ray's workers cannot inherit it
+    out = tmp_path / "out"
+    with FakeOpenAIServer(api_key=VLM_KEY, models=("fake-vlm",)) as server:
+        server.script = lambda request: STY if is_sty(request) else CLEAN_NS
+        summary = build_ct(
+            clips,
+            out,
+            caption_base_url=server.base_url,
+            vlm_api_key_block=VLM_BLOCK,
+            use_ray=True,
+        )
+    assert summary["written"] == 2 and summary["failed_shards"] == []
+    assert server.chat_requests(), "caption went through the fake VLM server"
+    assert {r.headers["authorization"] for r in server.requests} == {f"Bearer {VLM_KEY}"}
+    report = validate_dataset(out / "ct")
+    assert report.ok and report.rows == 2, [str(v) for v in report.violations]
+
+    files = [path for path in out.rglob("*") if path.is_file()]
+    assert any(path.suffix == ".parquet" for path in files)
+    for path in files:
+        assert VLM_KEY.encode() not in path.read_bytes(), path
+    records = prefect_records()
+    assert any(VLM_BLOCK in text for text in records), "the flow run's parameters name the block"
+    assert any("caption shard-00000" in text for text in records), "the run's logs came back"
+    assert_hidden(records + [json.dumps(summary)])
+
+
+@pytest.mark.slow
+def test_a_build_naming_a_missing_block_fails_before_any_work(prefect_api, clips, tmp_path):
+    out = tmp_path / "out"
+    with pytest.raises(ApiKeyUnavailableError) as missing:
+        build_ct(
+            clips,
+            out,
+            caption_base_url="http://127.0.0.1:9/v1",
+            vlm_api_key_block="no-vlm-key",
+            use_ray=False,
+        )
+    message = str(missing.value)
+    assert message.startswith("caption: the Prefect Secret block 'no-vlm-key' does not exist")
+    assert "prefect block create secret" in message
+    assert not out.exists(), "nothing planned, locked or written"
+
+
+class PrefectApiProbe(Stage):
+    """Reads the test's VLM block when it loads, as a stage with a block-held key does, and
+    answers with the PREFECT_API_URL of its process and a digest of the key it read."""
+
+    name = "prefect-api-probe"
+
+    def __init__(self):
+        super().__init__(Resources(num_cpus=0.25))
+
+    def _load(self) -> None:
+        key = resolve_api_key(None, VLM_BLOCK, "probe")
+        self.found = (
+            os.environ.get("PREFECT_API_URL"),
+            hashlib.sha256(key.reveal().encode()).hexdigest(),
+        )
+
+    def _process(self, batch):
+        return [self.found for _ in batch]
+
+
+def test_stage_actors_get_the_prefect_api_of_the_flow(prefect_api):
+    from datagen.orchestrate import prefect_api_url
+    from datagen.ray_adapter import StagePool, init_ray, shutdown_ray
+
+    url = prefect_api_url()
+    assert url.startswith("http://127.0.0.1:") and url.endswith("/api")
+    # The actor imports this module from the tests folder; PREFECT_API_URL reaches it only
+    # through the pool's env (the harness sets it in this process's settings, not environ).
+    shutdown_ray()
+    init_ray(num_cpus=2, runtime_env={"env_vars": {"PYTHONPATH": str(TESTS)}})
+    try:
+        pool = StagePool(PrefectApiProbe, Resources(num_cpus=0.25), env={"PREFECT_API_URL": url})
+        (answers,) = pool.map([["a", "b"]])
+        pool.shutdown()
+    finally:
+        shutdown_ray()
+    assert answers == [(url, hashlib.sha256(VLM_KEY.encode()).hexdigest())] * 2

@@ -99,3 +99,110 @@ def test_installed_command_runs_without_importing_torch(dataset):
     result = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True)
     assert result.returncode == 0, result.stderr
     assert result.stdout.strip().endswith("ok")
+
+
+def recording_flow(monkeypatch) -> list[dict]:
+    """Replace the flow `datagen build` runs by one that records its parameters, after binding
+    them to the real flow's signature (so a name the flow does not take fails the test)."""
+    import inspect
+
+    from datagen import cli
+
+    calls: list[dict] = []
+    real_load = cli._load_flow
+
+    def load(split: str):
+        signature = inspect.signature(real_load(split).fn)
+
+        def flow(**parameters):
+            signature.bind(**parameters)
+            calls.append({"split": split, **parameters})
+            return {"written": 0, "out": parameters["out"], "rejected": 0, "filtered": 0}
+
+        return flow
+
+    monkeypatch.setattr(cli, "_load_flow", load)
+    return calls
+
+
+def test_build_backend_and_key_block_options_reach_the_flow(monkeypatch, tmp_path):
+    calls = recording_flow(monkeypatch)
+    (tmp_path / "clips").mkdir()
+    common = ["--source", tmp_path / "clips", "--out", tmp_path / "out", "--no-ray"]
+    vlm = [
+        "--caption-backend",
+        "openai",
+        "--caption-base-url",
+        "http://127.0.0.1:8000/v1",
+        "--caption-model",
+        "served-vlm",
+        "--vlm-api-key-block",
+        "vlm-key",
+    ]
+    stylize = ["--stylize-backend", "http", "--stylize-url", "http://127.0.0.1:9/edit"]
+    stylize += ["--stylize-api-key-block", "edit-key"]
+    result = invoke("build", "sft", *common, *vlm, *stylize)
+    assert result.exit_code == 0, result.output
+    result = invoke("build", "ct", *common, *vlm, "--vlm-judge")
+    assert result.exit_code == 0, result.output
+    sft, ct = calls
+    for call in (sft, ct):
+        assert call["caption_backend"] == "openai" and call["caption_model"] == "served-vlm"
+        assert call["caption_base_url"] == "http://127.0.0.1:8000/v1"
+        assert call["vlm_api_key_block"] == "vlm-key" and call["use_ray"] is False
+    assert (sft["stylize_backend"], sft["stylize_url"], sft["stylize_api_key_block"]) == (
+        "http",
+        "http://127.0.0.1:9/edit",
+        "edit-key",
+    )
+    assert ct["vlm_judge"] is True and "stylize_backend" not in ct
+
+
+@pytest.mark.parametrize(
+    ("args", "code", "message"),
+    [
+        (["ct", "--vlm-api-key-block", "vlm-key"], 1, "only used with caption_backend 'openai'"),
+        (["sft", "--stylize-api-key-block", "edit-key"], 1, "only used with stylize_backend"),
+        (["sft", "--stylize-backend", "http"], 1, "needs stylize_url"),
+        (["ct", "--caption-backend", "openai", "--vlm-api-key-block", "sk-live-123"], 1, "looks"),
+        (["ct", "--stylize-backend", "http", "--stylize-url", "http://h/e"], 2, "for sft builds"),
+        (["ct", "--profile", "huge"], 1, "profile must be one of"),
+    ],
+)
+def test_build_refuses_bad_combinations_before_starting_anything(
+    monkeypatch, tmp_path, args, code, message
+):
+    calls = recording_flow(monkeypatch)
+    (tmp_path / "clips").mkdir()
+    split, *rest = args
+    result = invoke(
+        "build", split, "--source", tmp_path / "clips", "--out", tmp_path / "out", *rest
+    )
+    assert result.exit_code == code, result.output
+    assert message in result.output and result.output.startswith("error: ")
+    assert "sk-live-123" not in result.output
+    assert calls == [] and not (tmp_path / "out").exists()
+
+
+def test_build_reports_an_unreadable_key_block_in_one_line(monkeypatch, tmp_path):
+    from datagen import cli
+    from datagen.api_keys import ApiKeyUnavailableError
+
+    def load(split: str):
+        def flow(**parameters):
+            # what the flow raises when the block is missing (tests/test_api_keys.py)
+            raise ApiKeyUnavailableError(
+                f"caption: the Prefect Secret block {parameters['vlm_api_key_block']!r} does "
+                "not exist on http://127.0.0.1:4200/api; create it with ..."
+            )
+
+        return flow
+
+    monkeypatch.setattr(cli, "_load_flow", load)
+    (tmp_path / "clips").mkdir()
+    paths = ["--source", tmp_path / "clips", "--out", tmp_path / "out"]
+    vlm = ["--caption-backend", "openai", "--vlm-api-key-block", "missing-key"]
+    result = invoke("build", "ct", *paths, *vlm)
+    assert result.exit_code == 1
+    assert result.output.startswith("error: caption: the Prefect Secret block 'missing-key'")
+    assert "Traceback" not in result.output

@@ -14,7 +14,16 @@ from conftest import write_dataset
 
 from datagen.filtering import DROPPED_DIR, FilterCriteria, FilterError, filter_dataset
 from datagen.schema import SchemaError
-from datagen.store import INDEX_DIR, Dataset, DatasetError, ShardLimits, list_shards, read_index
+from datagen.store import (
+    INDEX_DIR,
+    REJECTS_DIR,
+    Dataset,
+    DatasetError,
+    ShardLimits,
+    list_shards,
+    read_index,
+    read_rejects,
+)
 from datagen.testing import make_row
 
 
@@ -179,3 +188,74 @@ def test_index_rebuilt_when_missing_gives_the_same_result(dataset, tmp_path):
     for file in (dataset / INDEX_DIR).glob("*.parquet"):
         file.unlink()
     assert filter_dataset(dataset, tmp_path / "o2", FilterCriteria(csd=0.5)).kept == expected
+
+
+def shard_rows(path) -> pa.Table:
+    """Every row of a dataset's shards, in shard order then row order."""
+    return pa.concat_tables([pq.read_table(path / s) for s in list_shards(path)])
+
+
+def test_tiny_batches_give_the_same_output_as_one_batch(dataset, tmp_path):
+    criteria = FilterCriteria(csd=0.5, vlm_pass=True)
+    outputs = {}
+    for batch_rows in (7, 1_000_000):
+        out = tmp_path / f"out-{batch_rows}"
+        result = filter_dataset(
+            dataset,
+            out,
+            criteria,
+            write_dropped=True,
+            limits=ShardLimits(max_rows=5),
+            batch_rows=batch_rows,
+        )
+        index = read_index(out, rebuild_missing=False)
+        outputs[batch_rows] = {
+            "result": {k: v for k, v in result.as_dict().items() if k not in ("out", "shards")},
+            "rows": shard_rows(out),
+            "dropped": shard_rows(out / DROPPED_DIR),
+            # shard names carry the run id; where each row lives is compared by row number
+            "index": index.drop_columns(["shard"]),
+            "rejects": read_rejects(out).drop_columns(["created_at"]),
+            "rejects_files": len(list((out / REJECTS_DIR).glob("*.parquet"))),
+        }
+    tiny, whole = outputs[7], outputs[1_000_000]
+    assert tiny["result"] == whole["result"]
+    assert whole["result"]["kept"] > 0 and whole["result"]["dropped_rows_written"] > 0
+    for part in ("rows", "dropped", "index", "rejects"):
+        assert tiny[part].equals(whole[part]), part
+    # 3 carried-over rejects + one per dropped row, flushed every 7 rows: several files, all read
+    assert whole["rejects_files"] == 1 and tiny["rejects_files"] >= 3
+    assert tiny["rejects"].num_rows == 3 + 40 - whole["result"]["kept"]
+    assert tiny["rejects"]["stage"].to_pylist()[:3] == ["plan"] * 3, "IN's rejects come first"
+    with pytest.raises(FilterError, match="batch_rows must be >= 1"):
+        filter_dataset(dataset, tmp_path / "o", criteria, batch_rows=0)
+
+
+def test_dry_run_in_batches_counts_the_same(dataset):
+    whole = filter_dataset(dataset, None, FilterCriteria(csd=0.3, dino=0.2), dry_run=True)
+    tiny = filter_dataset(
+        dataset, None, FilterCriteria(csd=0.3, dino=0.2), dry_run=True, batch_rows=3
+    )
+    assert tiny == whole and whole.total == 40 and whole.missing == 2
+
+
+def test_nothing_kept_still_writes_the_rejects(dataset, tmp_path):
+    result = filter_dataset(dataset, tmp_path / "out", FilterCriteria(csd=1.0), batch_rows=7)
+    assert result.kept == 0 and result.shards == []
+    assert read_rejects(tmp_path / "out").num_rows == 3 + 40
+
+
+def test_an_index_rewritten_while_filtering_is_detected(dataset, tmp_path):
+    (index_file,) = (dataset / INDEX_DIR).glob("*.parquet")
+
+    def rewrite_index(_total: int) -> None:
+        # as if another run rewrote IN's scores between the decisions and the rejects
+        table = pq.read_table(index_file)
+        zeros = pa.array([0.0] * table.num_rows, table.schema.field("csd_score").type)
+        index = table.schema.get_field_index("csd_score")
+        pq.write_table(table.set_column(index, table.schema.field(index), zeros), index_file)
+
+    with pytest.raises(DatasetError, match="the index changed while filtering"):
+        filter_dataset(dataset, tmp_path / "out", FilterCriteria(csd=0.5), on_start=rewrite_index)
+    assert not (tmp_path / "out").exists()
+    assert not [p for p in tmp_path.iterdir() if p.name.startswith(".")], "no staging left"

@@ -134,3 +134,94 @@ def test_work_dir_is_keyed_by_the_parameters(sources, tmp_path):
     one = BuildConfig(source=str(sources), out=str(tmp_path))
     assert one.work_root == BuildConfig(source=str(sources), out=str(tmp_path)).work_root
     assert one.work_root != dataclasses.replace(one, seed=1).work_root
+
+
+@pytest.mark.parametrize(
+    ("change", "message"),
+    [
+        ({"vlm_api_key_block": "vlm-key"}, "vlm_api_key_block is only used with caption_backend"),
+        (
+            {"stylize_api_key_block": "edit-key"},
+            "stylize_api_key_block is only used with stylize_backend 'http'",
+        ),
+        ({"caption_base_url": "http://127.0.0.1:8000/v1"}, "caption_base_url is only used"),
+        ({"stylize_url": "http://127.0.0.1:9/edit"}, "stylize_url is only used"),
+        ({"caption_backend": "openai", "vlm_api_key_block": "Bad_Name"}, "NAME of a Prefect"),
+        ({"caption_backend": "openai", "vlm_api_key_block": "sk-0123abcd"}, "looks like an API"),
+        ({"caption_backend": "openai", "caption_base_url": "ftp://h/v1"}, "caption: base_url"),
+        ({"caption_backend": "vllm"}, "caption_backend must be one of"),
+        ({"stylize_backend": "http"}, "needs stylize_url"),
+        (
+            {"stylize_backend": "http", "stylize_url": "http://user:pw@h/edit"},
+            "stylize_url: url must not carry credentials",
+        ),
+        ({"stylize_backend": "dalle"}, "stylize_backend must be one of"),
+    ],
+)
+def test_backends_and_key_blocks_are_checked_before_any_work(sources, tmp_path, change, message):
+    with pytest.raises(BuildConfigError, match=message) as raised:
+        BuildConfig(source=str(sources), out=str(tmp_path / "out"), **change)
+    for value in ("sk-0123abcd", "Bad_Name", "user:pw"):
+        assert value not in str(raised.value), "a key pasted into a field is never echoed"
+    assert not (tmp_path / "out").exists()
+
+
+def test_stage_configs_name_the_key_blocks(sources, tmp_path):
+    config = BuildConfig(
+        source=str(sources),
+        out=str(tmp_path),
+        split="sft",
+        vlm_judge=True,
+        caption_backend="openai",
+        caption_base_url="http://127.0.0.1:8000/v1",
+        caption_model="served-vlm",
+        vlm_api_key_block="vlm-key",
+        stylize_backend="http",
+        stylize_url="http://127.0.0.1:9/edit",
+        stylize_api_key_block="edit-key",
+    )
+    assert config.key_blocks() == {"caption": "vlm-key", "judge": "vlm-key", "stylize": "edit-key"}
+    stages = {name: factory() for name, factory in stage_factories(config).items()}
+    for name in ("caption", "judge"):
+        vlm = stages[name].config
+        assert (vlm.backend, vlm.base_url, vlm.model) == (
+            "openai",
+            "http://127.0.0.1:8000/v1",
+            "served-vlm",
+        )
+        assert (vlm.api_key_block, vlm.api_key_env) == ("vlm-key", None)
+    stylize = stages["stylize"].config
+    assert (stylize.backend, stylize.url) == ("http", "http://127.0.0.1:9/edit")
+    assert (stylize.api_key_block, stylize.api_key_env) == ("edit-key", None)
+    # without a block the stages keep reading their default environment variables
+    plain = dataclasses.replace(config, vlm_api_key_block=None, stylize_api_key_block=None)
+    assert plain.key_blocks() == {}
+    caption = stage_factories(plain)["caption"]().config
+    assert (caption.api_key_block, caption.api_key_env) == (None, "DATAGEN_VLM_API_KEY")
+
+
+def test_work_dir_key_is_unchanged_and_ignores_where_keys_come_from(monkeypatch, tmp_path):
+    # Pinned from the key of the code before the key-block fields existed: the work folders
+    # of builds interrupted then must keep their names, or a rerun would redo their work.
+    monkeypatch.chdir(tmp_path)
+    (tmp_path / "clips").mkdir()
+    default = BuildConfig(source="clips", out="out")
+    assert default.work_root.as_posix() == "out/_work/ct-acb476794687"
+    servers = BuildConfig(
+        source="clips",
+        out="out",
+        split="sft",
+        caption_backend="openai",
+        caption_base_url="http://127.0.0.1:8000/v1",
+        caption_model="fake-vlm",
+        stylize_backend="http",
+        stylize_url="http://127.0.0.1:9/edit",
+    )
+    assert servers.work_root.as_posix() == "out/_work/sft-65b0dda4bf8e"
+    with_blocks = dataclasses.replace(
+        servers, vlm_api_key_block="vlm-key", stylize_api_key_block="edit-key"
+    )
+    assert with_blocks.work_root == servers.work_root
+    other = dataclasses.replace(with_blocks, vlm_api_key_block="another-vlm-key")
+    assert other.work_root == servers.work_root
+    assert dataclasses.replace(servers, caption_model="other-vlm").work_root != servers.work_root

@@ -192,3 +192,30 @@ def test_an_actor_that_dies_while_loading_is_started_again(ray_local, tmp_path):
     assert pool.replacements == 1
     assert list(pool.map([["a"]])) == [["A"]]
     pool.shutdown()
+
+
+def test_a_build_gives_its_stage_timeout_to_every_stage_pool(ray_local, tmp_path, monkeypatch):
+    # What a build hands each pool; the pool's own timeout behaviour is tested above.
+    import datagen.ray_adapter
+    from datagen.orchestrate import stage_runners
+    from datagen.pipeline import BuildConfig
+    from datagen.samples import write_samples
+
+    handed: dict[str, dict] = {}
+
+    class RecordingPool:
+        def __init__(self, factory, resources, **options):
+            handed[options["name"]] = options
+
+        def shutdown(self):
+            pass
+
+    monkeypatch.setattr(datagen.ray_adapter, "StagePool", RecordingPool)
+    write_samples(tmp_path / "sources")
+    config = BuildConfig(
+        source=str(tmp_path / "sources"), out=str(tmp_path / "out"), stage_timeout_s=123.0
+    )
+    with stage_runners(config, use_ray=True):
+        pass
+    assert set(handed) == {"control", "stylize", "animate", "caption", "score"}
+    assert {options["call_timeout_s"] for options in handed.values()} == {123.0}

@@ -24,6 +24,8 @@ from datagen.store import (
     ShardWriter,
     compact_index,
     hidden_temporaries,
+    iter_index,
+    iter_rejects,
     list_shards,
     read_index,
     read_rejects,
@@ -245,3 +247,61 @@ def test_a_second_writer_is_refused_by_the_lock_with_the_holder_named(tmp_path):
     # a killed holder leaves no stale lock
     with DatasetLock(tmp_path / "ct"):
         pass
+
+
+def test_iter_index_streams_the_reconciled_index_in_order(tmp_path):
+    path = tmp_path / "d"
+    limits = ShardLimits(max_rows=4)
+    write_dataset(path, [make_row(i) for i in range(10)], limits=limits)  # 3 shards
+    first_shard = list_shards(path)[0]  # rows 0-3
+    write_dataset(path, [make_row(i) for i in range(10, 16)], limits=limits)  # 2 shards
+    old = {f: f.read_bytes() for f in (path / INDEX_DIR).glob("*.parquet")}
+    compact_index(path)
+    for file, data in old.items():  # an interrupted compaction: overlapping files survive
+        file.write_bytes(data)
+    with ShardWriter(path, "ct", limits=limits) as writer:  # 2 more shards, then unindexed
+        writer.write([make_row(i) for i in range(16, 21)])
+    for file in (path / INDEX_DIR).glob(f"run-{writer.run_id}.parquet"):
+        file.unlink()
+    (path / first_shard).unlink()  # its entries are now those of a shard never committed
+    assert len(list((path / INDEX_DIR).glob("*.parquet"))) == 3
+
+    whole = read_index(path)
+    expected = {f"s{i:08d}" for i in range(4, 21)}  # rows 0-3 were in the deleted shard
+    assert sorted(whole["sample_id"].to_pylist()) == sorted(expected)
+    for batch_rows in (1, 3, 7, None):
+        for columns in (None, ["sample_id", "shard", "row"], ["csd_score"]):
+            tables = list(iter_index(path, columns=columns, batch_rows=batch_rows))
+            assert all(0 < t.num_rows <= (batch_rows or 10**9) for t in tables)
+            streamed = pa.concat_tables(tables)
+            assert streamed.equals(read_index(path, columns=columns)), (batch_rows, columns)
+    with pytest.raises(ValueError, match="batch_rows must be >= 1"):
+        iter_index(path, batch_rows=0)
+
+
+def test_compaction_streams_and_keeps_every_row(tmp_path):
+    path = tmp_path / "d"
+    write_dataset(path, [make_row(i) for i in range(10)], limits=ShardLimits(max_rows=4))
+    write_dataset(path, [make_row(i) for i in range(10, 16)], limits=ShardLimits(max_rows=4))
+    before = read_index(path)
+    compact_index(path)
+    (merged,) = (path / INDEX_DIR).glob("*.parquet")
+    # written batch by batch (a row group per batch read), not gathered into one table first
+    assert pq.ParquetFile(merged).metadata.num_row_groups == 2
+    assert read_index(path).equals(before)
+
+
+def test_rejects_across_several_files_are_read_back_in_order(tmp_path):
+    with RejectsWriter(tmp_path, flush_every=2) as rejects:
+        for i in range(5):
+            rejects.add(f"r{i}", f"file:///{i}.mp4", "plan", "not_a_video", detail=str(i))
+    (tmp_path / "_rejects" / ".rejects-partial.parquet").write_bytes(b"hidden: never read")
+    assert len(list((tmp_path / "_rejects").glob("rejects-*.parquet"))) == 3
+    for batch_rows in (1, 2, None):
+        tables = list(iter_rejects(tmp_path, batch_rows=batch_rows))
+        assert all(0 < t.num_rows <= (batch_rows or 10) for t in tables)
+        streamed = pa.concat_tables(tables)
+        assert streamed["sample_id"].to_pylist() == [f"r{i}" for i in range(5)]
+        assert streamed.equals(read_rejects(tmp_path))
+    assert read_rejects(tmp_path / "nowhere").num_rows == 0
+    assert list(iter_rejects(tmp_path / "nowhere")) == []
