@@ -125,7 +125,7 @@ def main() -> None:
         action="store_true",
         help="also run both builds with glibc's default malloc settings (the peer)",
     )
-    parser.add_argument("--tolerance", type=float, default=0.15)
+    parser.add_argument("--tolerance", type=float, default=0.05)
     args = parser.parse_args()
     work = Path(tempfile.mkdtemp(prefix="datagen-bench-memory-"))
     try:
