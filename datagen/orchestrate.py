@@ -9,6 +9,7 @@ through the stages concurrently, so shard 2 is being controlled while shard 1 is
 from __future__ import annotations
 
 import base64
+import concurrent.futures
 import contextlib
 import os
 import threading
@@ -47,19 +48,28 @@ _RUNNERS: dict[str, dict[str, Any]] = {}
 _LOCKS: dict[str, threading.Lock] = {}
 
 
-class LockedRunner:
-    """A LocalRunner shared by concurrent task threads: one batch at a time (a Stage is not
-    thread-safe; Ray actors serialise calls the same way)."""
+class StageThread:
+    """A LocalRunner shared by concurrent task threads, run on one thread of its own.
 
-    def __init__(self, runner: LocalRunner):
+    A Stage is not thread-safe, so batches go one at a time (as a Ray actor serialises its
+    calls). They also all run on the same thread: Prefect runs tasks on a growing pool of
+    threads, and each new thread that calls into torch gets its own OpenMP team and allocator
+    caches, so a long build's memory crept up with every thread that ever ran a stage.
+    """
+
+    def __init__(self, runner: LocalRunner, name: str = "stage"):
         self.runner = runner
-        self.lock = threading.Lock()
+        self._thread = concurrent.futures.ThreadPoolExecutor(
+            max_workers=1, thread_name_prefix=f"datagen-{name}"
+        )
+
+    def _one(self, batch: list) -> list:
+        (result,) = self.runner.map([batch])
+        return result
 
     def map(self, batches):
         for batch in batches:
-            with self.lock:
-                (result,) = self.runner.map([batch])
-            yield result
+            yield self._thread.submit(self._one, batch).result()
 
     def models(self) -> dict:
         return self.runner.models()
@@ -71,6 +81,7 @@ class LockedRunner:
         return self.runner.stats()
 
     def shutdown(self) -> None:
+        self._thread.shutdown(wait=True)
         self.runner.shutdown()
 
 
@@ -144,7 +155,7 @@ def stage_runners(config: BuildConfig, use_ray: bool):
                 )
         else:
             for name, factory in factories.items():
-                runners[name] = LockedRunner(LocalRunner(factory()))
+                runners[name] = StageThread(LocalRunner(factory()), name)
         yield runners
     finally:
         for runner in runners.values():

@@ -12,6 +12,8 @@ from __future__ import annotations
 
 import contextlib
 import os
+import socket
+import time
 from collections import deque
 from collections.abc import Callable, Iterable, Iterator
 from typing import Any
@@ -95,6 +97,9 @@ class StageActor:
     def ready(self) -> bool:
         return True
 
+    def process_id(self) -> tuple[str, int]:
+        return socket.gethostname(), os.getpid()
+
 
 class StagePool:
     """A stage's actors and an ordered, backpressured `map` over batches.
@@ -136,10 +141,12 @@ class StagePool:
         self._remote_class = ray.remote(StageActor).options(**options)
         self._factory, self._torch_threads = factory, torch_threads
         self.replacements = 0
+        self._processes: list[tuple[str, int]] = []  # every actor process ever started
         self.actors = [self._start_actor() for _ in range(size)]
         for index, actor in enumerate(self.actors):  # models are loaded once these answer
             try:
                 ray.get(actor.ready.remote())
+                self._processes.append(ray.get(actor.process_id.remote()))
             except ray.exceptions.RayActorError:
                 self._replace(index, actor)  # died while loading: one more try
         self._next = 0
@@ -157,6 +164,7 @@ class StagePool:
             ray.kill(self.actors[index])
         self.actors[index] = self._start_actor()
         ray.get(self.actors[index].ready.remote())
+        self._processes.append(ray.get(self.actors[index].process_id.remote()))
         self.replacements += 1
 
     def map(self, batches: Iterable[list]) -> Iterator[list]:
@@ -215,9 +223,28 @@ class StagePool:
 
         return ray.get(self.actors[0].params.remote())
 
-    def shutdown(self) -> None:
+    def shutdown(self, wait_s: float = 15.0) -> None:
+        """Kill the actors and, for those on this machine, wait until their processes are
+        gone (ray.kill only asks), so a finished build leaves no process behind."""
         import ray
 
         for actor in self.actors:
-            ray.kill(actor)
+            with contextlib.suppress(Exception):
+                ray.kill(actor)
         self.actors = []
+        here = socket.gethostname()
+        local = [pid for host, pid in self._processes if host == here]
+        deadline = time.monotonic() + wait_s
+        while local and time.monotonic() < deadline:
+            local = [pid for pid in local if _alive(pid)]
+            time.sleep(0.1)
+
+
+def _alive(pid: int) -> bool:
+    try:
+        os.kill(pid, 0)
+    except ProcessLookupError:
+        return False
+    except PermissionError:  # another user's process now holds the number
+        return False
+    return True

@@ -67,6 +67,8 @@ def prefect_api(tmp_path_factory):
     with pytest.MonkeyPatch.context() as patch:
         patch.setenv("PREFECT_HOME", str(home))
         patch.setenv("PREFECT_SERVER_ANALYTICS_ENABLED", "false")
+        # as `datagen build` does: a busy 2-core machine can take longer than the default 20 s
+        patch.setenv("PREFECT_SERVER_EPHEMERAL_STARTUP_TIMEOUT_SECONDS", "120")
         patch.delenv("PREFECT_API_URL", raising=False)
         # the 2-core machine is shared: allow a slow start
         with prefect_test_harness(server_startup_timeout=180):

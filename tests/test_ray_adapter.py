@@ -219,3 +219,16 @@ def test_a_build_gives_its_stage_timeout_to_every_stage_pool(ray_local, tmp_path
         pass
     assert set(handed) == {"control", "stylize", "animate", "caption", "score"}
     assert {options["call_timeout_s"] for options in handed.values()} == {123.0}
+
+
+def test_shutdown_waits_until_the_actor_processes_are_gone(ray_local):
+    import os
+
+    pool = StagePool(SquareStage, Resources(num_cpus=0.25), size=2)
+    assert list(pool.map([[2], [3]])) == [[4], [9]]
+    pids = [pid for _, pid in pool._processes]
+    assert len(set(pids)) == 2 and os.getpid() not in pids
+    pool.shutdown()
+    for pid in pids:
+        with pytest.raises(ProcessLookupError):
+            os.kill(pid, 0)
