@@ -185,8 +185,15 @@ def _prefect_api() -> str:
     url = PREFECT_API_URL.value()
     if not url:
         return "the local ephemeral Prefect server (PREFECT_API_URL is not set)"
+    return without_credentials(url)
+
+
+def without_credentials(url: str) -> str:
+    """`url` with no user, password, query or fragment: safe to log or hand to a worker."""
     parts = urlsplit(url)
     netloc = parts.hostname or ""
+    if ":" in netloc:  # an IPv6 literal
+        netloc = f"[{netloc}]"
     if parts.port:
         netloc += f":{parts.port}"
-    return urlunsplit((parts.scheme, netloc, parts.path, "", ""))
+    return urlunsplit((parts.scheme, netloc, parts.path.rstrip("/"), "", ""))

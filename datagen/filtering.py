@@ -114,13 +114,9 @@ class Decision:
     def keep(self) -> np.ndarray:
         return self.code == KEPT
 
-    @property
-    def missing(self) -> np.ndarray:
-        return np.isin(self.code, MISSING_CODES)
-
-    def counts(self) -> dict[str, int]:
-        counts = np.bincount(self.code[self.code != KEPT], minlength=len(REASONS))
-        return {reason: int(n) for reason, n in zip(REASONS, counts, strict=True) if n}
+    def reason_counts(self) -> np.ndarray:
+        """How many rows each reason dropped, indexed like REASONS."""
+        return np.bincount(self.code[self.code != KEPT], minlength=len(REASONS))
 
 
 def _score_values(index: pa.Table, column: str) -> np.ndarray:
@@ -343,9 +339,7 @@ def _scan_index(
     for index in _index_batches(dataset, columns, batch_rows):
         decision = decide(index, criteria)
         scan.total += index.num_rows
-        scan.reason_counts += np.bincount(
-            decision.code[decision.code != KEPT], minlength=len(REASONS)
-        )
+        scan.reason_counts += decision.reason_counts()
         if not locate:
             continue
         # position in the sorted shard names: sorting by it sorts by shard name
@@ -480,7 +474,7 @@ def _filter_rejects(
     index: pa.Table,
     decision: Decision,
     criteria: FilterCriteria,
-    created_at: datetime | None = None,
+    created_at: datetime,
 ) -> pa.Table:
     """Rejects rows (stage 'filter') for every row the filter did not keep."""
     dropped = ~decision.keep
@@ -498,7 +492,7 @@ def _filter_rejects(
             "stage": pa.array(["filter"] * n, pa.string()),
             "reason": reasons,
             "detail": drop_details(index, decision, criteria),
-            "created_at": pa.array([created_at or now_utc()] * n, pa.timestamp("us", tz="UTC")),
+            "created_at": pa.array([created_at] * n, pa.timestamp("us", tz="UTC")),
             "datagen_version": pa.array([__version__] * n, pa.string()),
         }
     )

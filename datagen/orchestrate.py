@@ -12,7 +12,6 @@ import base64
 import concurrent.futures
 import contextlib
 import os
-import threading
 import time
 import uuid
 from collections import Counter, deque
@@ -33,6 +32,7 @@ from datagen.pipeline import (
     STAGE_FUNCTIONS,
     BuildConfig,
     LocalRunner,
+    check_key_blocks,
     collect_provenance,
     plan_build,
     run_write,
@@ -45,7 +45,6 @@ from datagen.workdir import ShardWork
 # Runners of the builds running in this process, by run key. Tasks run in threads of the flow
 # process, so they reach the actor pools here instead of receiving them as parameters.
 _RUNNERS: dict[str, dict[str, Any]] = {}
-_LOCKS: dict[str, threading.Lock] = {}
 
 
 class StageThread:
@@ -98,18 +97,12 @@ def prefect_api_url() -> str:
     """The Prefect API this process talks to, without credentials. Without PREFECT_API_URL
     that is the temporary server `datagen build` runs the flow on, which only this process
     knows of."""
-    from urllib.parse import urlsplit, urlunsplit
-
     from prefect import get_client
 
+    from datagen.api_keys import without_credentials
+
     with get_client(sync_client=True) as client:
-        parts = urlsplit(str(client.api_url))
-    netloc = parts.hostname or ""
-    if ":" in netloc:  # an IPv6 literal
-        netloc = f"[{netloc}]"
-    if parts.port:
-        netloc += f":{parts.port}"
-    return urlunsplit((parts.scheme, netloc, parts.path.rstrip("/"), "", ""))
+        return without_credentials(str(client.api_url))
 
 
 @contextlib.contextmanager
@@ -226,6 +219,7 @@ def write_task(shard: str, config: BuildConfig, provenance: dict) -> dict:
 def run_build(config: BuildConfig, use_ray: bool = True) -> dict:
     """The body of the build-ct and build-sft flows (see flows/)."""
     bound_native_heap()  # a deployment's flow process does not start from our CLI
+    check_key_blocks(config)  # a missing Secret block fails here, before any work
     with DatasetLock(config.dataset_dir, purpose=f"build-{config.split}"):
         # Holding the lock, every hidden temporary belongs to a writer that was killed.
         leftovers = remove_hidden_temporaries(config.dataset_dir)

@@ -94,10 +94,8 @@ class StageActor:
     def params(self) -> dict:
         return self.stage.params()
 
-    def ready(self) -> bool:
-        return True
-
-    def process_id(self) -> tuple[str, int]:
+    def ready(self) -> tuple[str, int]:
+        """Answers once the model is loaded, with where this actor's process runs."""
         return socket.gethostname(), os.getpid()
 
 
@@ -145,8 +143,7 @@ class StagePool:
         self.actors = [self._start_actor() for _ in range(size)]
         for index, actor in enumerate(self.actors):  # models are loaded once these answer
             try:
-                ray.get(actor.ready.remote())
-                self._processes.append(ray.get(actor.process_id.remote()))
+                self._processes.append(ray.get(actor.ready.remote()))
             except ray.exceptions.RayActorError:
                 self._replace(index, actor)  # died while loading: one more try
         self._next = 0
@@ -163,8 +160,7 @@ class StagePool:
         with contextlib.suppress(Exception):
             ray.kill(self.actors[index])
         self.actors[index] = self._start_actor()
-        ray.get(self.actors[index].ready.remote())
-        self._processes.append(ray.get(self.actors[index].process_id.remote()))
+        self._processes.append(ray.get(self.actors[index].ready.remote()))
         self.replacements += 1
 
     def map(self, batches: Iterable[list]) -> Iterator[list]:
@@ -235,8 +231,7 @@ class StagePool:
         here = socket.gethostname()
         local = [pid for host, pid in self._processes if host == here]
         deadline = time.monotonic() + wait_s
-        while local and time.monotonic() < deadline:
-            local = [pid for pid in local if _alive(pid)]
+        while any(_alive(pid) for pid in local) and time.monotonic() < deadline:
             time.sleep(0.1)
 
 

@@ -77,6 +77,10 @@ class Stage(ABC, Generic[In, Out]):
     """Base class of the model stages (control, stylize, animate, caption, score)."""
 
     name: ClassVar[str]
+    # Attributes that hold what `_load` built. A stage naming them pickles as its config: they
+    # are dropped and the process that unpickles it loads again (a connection pool does not
+    # pickle, an API key must not travel).
+    loaded_attributes: ClassVar[tuple[str, ...]] = ()
 
     def __init__(self, resources: Resources | None = None):
         self.resources = resources or Resources()
@@ -86,6 +90,12 @@ class Stage(ABC, Generic[In, Out]):
     @property
     def loaded(self) -> bool:
         return self._loaded
+
+    def __getstate__(self) -> dict:
+        state = dict(vars(self))
+        if self.loaded_attributes:
+            state.update(dict.fromkeys(self.loaded_attributes), _loaded=False)
+        return state
 
     def setup(self) -> None:
         """Load the model(s) once; calling it again does nothing."""

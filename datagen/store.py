@@ -174,14 +174,22 @@ def commit_file(tmp: Path, final: Path) -> None:
     fsync_path(final.parent)
 
 
-def write_table_atomic(table: pa.Table, final: Path, **options) -> None:
+@contextlib.contextmanager
+def atomic_file(final: Path) -> Iterator[Path]:
+    """A hidden temporary path to write; committed as `final` when the block ends, deleted
+    if it raises: `final` appears complete or not at all."""
     tmp = temporary_path(final)
     try:
-        pq.write_table(table, tmp, **options)
+        yield tmp
         commit_file(tmp, final)
     except BaseException:
         tmp.unlink(missing_ok=True)
         raise
+
+
+def write_table_atomic(table: pa.Table, final: Path, **options) -> None:
+    with atomic_file(final) as tmp:
+        pq.write_table(table, tmp, **options)
 
 
 def _is_media(field: pa.Field) -> bool:
@@ -432,15 +440,12 @@ def write_index_tables(
     schema = table_schema(INDEX)
     metadata = dict(schema.metadata) | {COVERS_KEY: json.dumps(sorted(shards)).encode()}
     final = dataset_dir / INDEX_DIR / f"{stem}{PARQUET_SUFFIX}"
-    tmp = temporary_path(final)
-    try:
-        with pq.ParquetWriter(tmp, schema.with_metadata(metadata), compression="zstd") as writer:
-            for table in tables:
-                writer.write_table(table.replace_schema_metadata(metadata))
-        commit_file(tmp, final)
-    except BaseException:
-        tmp.unlink(missing_ok=True)
-        raise
+    with (
+        atomic_file(final) as tmp,
+        pq.ParquetWriter(tmp, schema.with_metadata(metadata), compression="zstd") as writer,
+    ):
+        for table in tables:
+            writer.write_table(table.replace_schema_metadata(metadata))
     return final
 
 

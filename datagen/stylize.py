@@ -709,6 +709,7 @@ class StylizeStage(Stage[StylizeInput, StylizeOutput]):
     """Stylize the first frame and K reference frames of each sample (one output per sample)."""
 
     name = "stylize"
+    loaded_attributes = ("backend",)  # it pickles as its config: see Stage
 
     def __init__(self, config: StylizeConfig | None = None, resources: Resources | None = None):
         self.config = config or StylizeConfig()
@@ -722,14 +723,6 @@ class StylizeStage(Stage[StylizeInput, StylizeOutput]):
 
     def __repr__(self) -> str:
         return f"StylizeStage({self.config!r})"
-
-    def __getstate__(self) -> dict:
-        # A stage travels as its config: the process that unpickles it loads its own backend
-        # (and, for http, reads the key itself).
-        state = dict(vars(self))
-        state["backend"] = None
-        state["_loaded"] = False
-        return state
 
     def _load(self) -> None:
         if self.config.backend == "http":

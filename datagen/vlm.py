@@ -569,6 +569,7 @@ class VLMStage(Stage[In, Out]):
     the backend loads in setup, closes in teardown, and is recorded under the stage's name."""
 
     backend: VLMBackend | None = None
+    loaded_attributes = ("backend",)  # it pickles as its config: see Stage
 
     def _load(self) -> None:
         self.backend = load_backend(self.config, self.resources)
@@ -580,11 +581,3 @@ class VLMStage(Stage[In, Out]):
 
     def models(self) -> dict[str, ModelRef]:
         return {self.name: self.backend.model_ref()} if self.backend else {}
-
-    def __getstate__(self) -> dict:
-        # A stage travels as its config: the process that unpickles it loads its own backend
-        # and reads the key itself (a connection pool does not pickle, a key must not).
-        state = dict(vars(self))
-        state["backend"] = None
-        state["_loaded"] = False
-        return state

@@ -17,7 +17,7 @@ from typing import Literal
 from prefect import flow
 
 from datagen.orchestrate import run_build
-from datagen.pipeline import BuildConfig, check_key_blocks
+from datagen.pipeline import BuildConfig
 
 
 @flow(name="build-ct", log_prints=True)
@@ -74,5 +74,4 @@ def build_ct(
         fps=fps,
         batch_size=batch_size,
     )
-    check_key_blocks(config)  # a missing Secret block fails here, before any work
     return run_build(config, use_ray=use_ray)

@@ -16,7 +16,7 @@ from typing import Literal
 from prefect import flow
 
 from datagen.orchestrate import run_build
-from datagen.pipeline import BuildConfig, check_key_blocks
+from datagen.pipeline import BuildConfig
 
 
 @flow(name="build-sft", log_prints=True)
@@ -75,5 +75,4 @@ def build_sft(
         fps=fps,
         batch_size=batch_size,
     )
-    check_key_blocks(config)  # a missing Secret block fails here, before any work
     return run_build(config, use_ray=use_ray)

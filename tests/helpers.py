@@ -181,3 +181,14 @@ def load_script(relative_path: str, name: str):
 def load_demo():
     """scripts/demo.py (`make demo`) as a module."""
     return load_script("scripts/demo.py", "datagen_demo_script")
+
+
+def use_private_prefect(patch, home: Path) -> None:
+    """Point Prefect at its own PREFECT_HOME (so a temporary server never shares a SQLite
+    database), with no API URL (a temporary local server), no analytics or Ray usage stats,
+    and, as `datagen build` does, 120 s for the temporary server to start on a busy machine."""
+    patch.setenv("PREFECT_HOME", str(home))
+    patch.setenv("PREFECT_SERVER_ANALYTICS_ENABLED", "false")
+    patch.setenv("PREFECT_SERVER_EPHEMERAL_STARTUP_TIMEOUT_SECONDS", "120")
+    patch.setenv("RAY_USAGE_STATS_ENABLED", "0")
+    patch.delenv("PREFECT_API_URL", raising=False)

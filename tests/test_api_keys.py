@@ -17,6 +17,7 @@ import numpy as np
 import pytest
 from fake_image_edit_server import FakeImageEditServer, invert
 from fake_openai_server import FakeOpenAIServer, Reply
+from helpers import use_private_prefect
 
 from datagen.api_keys import (
     ApiKeyUnavailableError,
@@ -65,11 +66,7 @@ def prefect_api(tmp_path_factory):
 
     home = tmp_path_factory.mktemp("prefect-home")
     with pytest.MonkeyPatch.context() as patch:
-        patch.setenv("PREFECT_HOME", str(home))
-        patch.setenv("PREFECT_SERVER_ANALYTICS_ENABLED", "false")
-        # as `datagen build` does: a busy 2-core machine can take longer than the default 20 s
-        patch.setenv("PREFECT_SERVER_EPHEMERAL_STARTUP_TIMEOUT_SECONDS", "120")
-        patch.delenv("PREFECT_API_URL", raising=False)
+        use_private_prefect(patch, home)
         # the 2-core machine is shared: allow a slow start
         with prefect_test_harness(server_startup_timeout=180):
             Secret(value=VLM_KEY).save(VLM_BLOCK, overwrite=True)

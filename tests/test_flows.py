@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import pytest
+from helpers import use_private_prefect
 from typer.testing import CliRunner
 
 from datagen.cli import _load_flow, app
@@ -18,12 +19,7 @@ def prefect_env(tmp_path_factory):
     """A private PREFECT_HOME, so the temporary server never shares a SQLite database."""
     home = tmp_path_factory.mktemp("prefect-home")
     with pytest.MonkeyPatch.context() as patch:
-        patch.setenv("PREFECT_HOME", str(home))
-        patch.setenv("PREFECT_SERVER_ANALYTICS_ENABLED", "false")
-        # as `datagen build` does: a busy 2-core machine can take longer than the default 20 s
-        patch.setenv("PREFECT_SERVER_EPHEMERAL_STARTUP_TIMEOUT_SECONDS", "120")
-        patch.setenv("RAY_USAGE_STATS_ENABLED", "0")
-        patch.delenv("PREFECT_API_URL", raising=False)
+        use_private_prefect(patch, home)
         yield home
 
 
