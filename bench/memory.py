@@ -13,7 +13,9 @@ instead of datagen's bounded native heap (datagen/native_heap.py), as the peer. 
 from __future__ import annotations
 
 import argparse
+import math
 import os
+import re
 import shutil
 import statistics
 import subprocess
@@ -31,15 +33,21 @@ from datagen.testing import synthetic_table  # noqa: E402
 DATAGEN = [sys.executable, "-m", "datagen.cli"]
 
 
-def peak_rss_mib(command: list[str], env: dict | None = None) -> float:
-    # stderr goes to a file: an unread pipe fills up and blocks the child's logging
-    with tempfile.TemporaryFile() as log:
-        process = subprocess.Popen(command, stdout=subprocess.DEVNULL, stderr=log, env=env)
+def run_for_peak(command: list[str], env: dict | None = None) -> tuple[float, str]:
+    """Run `command`; its peak RSS in MiB and its standard output."""
+    # output goes to files: an unread pipe fills up and blocks the child's logging
+    with tempfile.TemporaryFile() as out, tempfile.TemporaryFile() as log:
+        process = subprocess.Popen(command, stdout=out, stderr=log, env=env)
         _, status, usage = os.wait4(process.pid, 0)
         if os.waitstatus_to_exitcode(status) != 0:
             log.seek(0)
             raise SystemExit(f"{command[3:6]} failed: {log.read().decode()[-2000:]}")
-    return usage.ru_maxrss / 1024
+        out.seek(0)
+        return usage.ru_maxrss / 1024, out.read().decode()
+
+
+def peak_rss_mib(command: list[str], env: dict | None = None) -> float:
+    return run_for_peak(command, env)[0]
 
 
 def filter_peaks(
@@ -66,12 +74,17 @@ def filter_peaks(
     return peaks
 
 
-def build_peaks(work: Path, clips: int, native_heap: str = "bounded") -> list[tuple[int, float]]:
-    """Peak RSS of a tiny build of `clips` and 10x `clips` samples (4 per shard), with the
-    native heap bounded (datagen/native_heap.py) or left at glibc's defaults."""
+def build_peaks(
+    work: Path, clips: int, native_heap: str = "bounded", repeats: int = 3
+) -> list[tuple[int, float]]:
+    """Peak RSS of a tiny build of `clips` and 10x `clips` samples (4 per shard), the median of
+    `repeats` fresh builds, with the native heap bounded (datagen/native_heap.py) or left at
+    glibc's defaults. Each build must write every sample it was asked for."""
     sources = work / "sources"
     if not sources.exists():
         write_samples(sources)
+    # enough clips from each source video for the larger build
+    clips_per_video = math.ceil(clips * 10 / len(list(sources.glob("*.mp4"))))
     env = os.environ | {
         "PREFECT_HOME": str(work / "prefect"),
         "PREFECT_SERVER_ANALYTICS_ENABLED": "false",
@@ -80,24 +93,33 @@ def build_peaks(work: Path, clips: int, native_heap: str = "bounded") -> list[tu
     }
     peaks = []
     for count in (clips, clips * 10):
+        out = work / f"build-{native_heap}-{count}"
         command = DATAGEN + [
             "build",
             "ct",
             "--source",
             str(sources),
             "--out",
-            str(work / f"build-{native_heap}-{count}"),
+            str(out),
             "--limit",
             str(count),
             "--clips-per-video",
-            "10",
+            str(clips_per_video),
             "--shard-size",
             "4",
             "--csd",
             "-1",
             "--no-ray",
         ]
-        peaks.append((count, peak_rss_mib(command, env)))
+        runs = []
+        for _ in range(repeats):
+            shutil.rmtree(out, ignore_errors=True)
+            peak, output = run_for_peak(command, env)
+            if not re.search(rf"^{count} pairs written", output, re.MULTILINE):
+                raise SystemExit(f"the {count}-sample build did not write {count}: {output}")
+            runs.append(peak)
+        peaks.append((count, statistics.median(runs)))
+        shutil.rmtree(out)
     return peaks
 
 
@@ -125,17 +147,29 @@ def main() -> None:
         action="store_true",
         help="also run both builds with glibc's default malloc settings (the peer)",
     )
+    parser.add_argument(
+        "--repeats",
+        type=int,
+        default=3,
+        help="runs of each size; the median peak counts (one run's peak moves by a few "
+        "percent with thread timing)",
+    )
     parser.add_argument("--tolerance", type=float, default=0.05)
     args = parser.parse_args()
     work = Path(tempfile.mkdtemp(prefix="datagen-bench-memory-"))
     try:
         flat = True
         runs = [
-            ("filter", filter_peaks(work, args.rows, args.media_bytes)),
-            ("build", build_peaks(work, args.clips)),
+            ("filter", filter_peaks(work, args.rows, args.media_bytes, args.repeats)),
+            ("build", build_peaks(work, args.clips, repeats=args.repeats)),
         ]
         if args.compare_default_heap:  # the peer: not part of the verdict
-            runs.append(("build, glibc default heap", build_peaks(work, args.clips, "default")))
+            runs.append(
+                (
+                    "build, glibc default heap",
+                    build_peaks(work, args.clips, "default", args.repeats),
+                )
+            )
         for label, peaks in runs:
             (small, small_rss), (large, large_rss) = peaks
             growth = large_rss / small_rss - 1

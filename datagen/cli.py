@@ -239,6 +239,11 @@ def _load_flow(split: str):
     # can take longer than Prefect's default 20 s to answer.
     os.environ.setdefault("PREFECT_SERVER_EPHEMERAL_STARTUP_TIMEOUT_SECONDS", "120")
     os.environ.setdefault("PREFECT_SERVER_ANALYTICS_ENABLED", "false")
+    # An empty PREFECT_API_URL means no server, as an unset one does; left in place, Prefect
+    # starts its temporary server but its events client fails on the empty URL all run long.
+    # (Prefect reads its settings when first imported, which is after this.)
+    if os.environ.get("PREFECT_API_URL") == "":
+        del os.environ["PREFECT_API_URL"]
 
     from datagen.resources import resource_dir
 

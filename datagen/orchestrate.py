@@ -40,7 +40,7 @@ from datagen.pipeline import (
 )
 from datagen.stage import Resources
 from datagen.store import DatasetLock, remove_hidden_temporaries
-from datagen.workdir import ShardWork
+from datagen.workdir import ShardWork, remove_leftovers
 
 # Runners of the builds running in this process, by run key. Tasks run in threads of the flow
 # process, so they reach the actor pools here instead of receiving them as parameters.
@@ -48,19 +48,23 @@ _RUNNERS: dict[str, dict[str, Any]] = {}
 
 
 class StageThread:
-    """A LocalRunner shared by concurrent task threads, run on one thread of its own.
+    """A LocalRunner shared by concurrent task threads; its batches run on `compute`, the one
+    thread that runs every in-process stage's batches of a build.
 
-    A Stage is not thread-safe, so batches go one at a time (as a Ray actor serialises its
-    calls). They also all run on the same thread: Prefect runs tasks on a growing pool of
-    threads, and each new thread that calls into torch gets its own OpenMP team and allocator
-    caches, so a long build's memory crept up with every thread that ever ran a stage.
+    A Stage is not thread-safe, so its batches go one at a time (as a Ray actor serialises its
+    calls), and always on the same thread: Prefect runs tasks on a growing pool of threads, and
+    each new thread that calls into torch gets its own OpenMP team and allocator caches, so a
+    long build's memory crept up with every thread that ever ran a stage. The stages also take
+    turns with each other: in one process, two models computing at once are no faster than one
+    after the other (they share the same cores or GPU), and their working memory adds up, so
+    the process's peak depended on which stages happened to overlap, and a longer run met
+    worse overlaps (`bench/memory.py`). Reading and writing the work files stays on the task
+    threads, overlapping the compute.
     """
 
-    def __init__(self, runner: LocalRunner, name: str = "stage"):
+    def __init__(self, runner: LocalRunner, compute: concurrent.futures.ThreadPoolExecutor):
         self.runner = runner
-        self._thread = concurrent.futures.ThreadPoolExecutor(
-            max_workers=1, thread_name_prefix=f"datagen-{name}"
-        )
+        self._compute = compute
 
     def _one(self, batch: list) -> list:
         (result,) = self.runner.map([batch])
@@ -68,7 +72,7 @@ class StageThread:
 
     def map(self, batches):
         for batch in batches:
-            yield self._thread.submit(self._one, batch).result()
+            yield self._compute.submit(self._one, batch).result()
 
     def models(self) -> dict:
         return self.runner.models()
@@ -80,7 +84,6 @@ class StageThread:
         return self.runner.stats()
 
     def shutdown(self) -> None:
-        self._thread.shutdown(wait=True)
         self.runner.shutdown()
 
 
@@ -116,6 +119,7 @@ def stage_runners(config: BuildConfig, use_ray: bool):
     factories = stage_factories(config)
     blocks = config.key_blocks()
     runners: dict[str, Any] = {}
+    compute = None
     started_ray = False
     try:
         if use_ray:
@@ -147,10 +151,15 @@ def stage_runners(config: BuildConfig, use_ray: bool):
                     env=prefect_env if name in blocks else None,
                 )
         else:
+            compute = concurrent.futures.ThreadPoolExecutor(
+                max_workers=1, thread_name_prefix="datagen-compute"
+            )
             for name, factory in factories.items():
-                runners[name] = StageThread(LocalRunner(factory()), name)
+                runners[name] = StageThread(LocalRunner(factory()), compute)
         yield runners
     finally:
+        if compute is not None:
+            compute.shutdown(wait=True)  # no batch runs on while its stage tears down
         for runner in runners.values():
             with contextlib.suppress(Exception):
                 runner.shutdown()
@@ -223,6 +232,7 @@ def run_build(config: BuildConfig, use_ray: bool = True) -> dict:
     with DatasetLock(config.dataset_dir, purpose=f"build-{config.split}"):
         # Holding the lock, every hidden temporary belongs to a writer that was killed.
         leftovers = remove_hidden_temporaries(config.dataset_dir)
+        leftovers += remove_leftovers(config.work_root)
         if leftovers:
             get_run_logger().info(
                 "removed %d temporary file(s) of an interrupted run", len(leftovers)

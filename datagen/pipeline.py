@@ -58,6 +58,8 @@ PROFILE_DEFAULTS = {
         "animate_steps": 2,
         "stylize_resolution": 64,
         "caption_max_new_tokens": 24,
+        # the VLM sees the 64x64 frames at most doubled, not upscaled to production's size
+        "vlm_max_pixels": 112 * 112,
     },
     "production": {
         "num_frames": 81,
@@ -68,6 +70,7 @@ PROFILE_DEFAULTS = {
         "animate_steps": 50,
         "stylize_resolution": 1024,
         "caption_max_new_tokens": 160,
+        "vlm_max_pixels": 448 * 448,
     },
 }
 
@@ -387,6 +390,7 @@ class _StageFactory:
                 "backend": c.caption_backend,
                 "profile": c.profile,
                 "tiny_dir": tiny,
+                "max_pixels": PROFILE_DEFAULTS[c.profile]["vlm_max_pixels"],
             }
             if c.caption_backend == "openai":
                 backend |= _vlm_server(c) | {"api_key_block": c.vlm_api_key_block}
@@ -734,6 +738,10 @@ def run_write(
     """Assemble rows, apply the CT auto-filter, commit the shard and its rejects, then remove
     the shard's work files. Samples already committed (a concurrent or earlier run) are
     skipped, never written twice."""
+    if not work.exists():
+        # An earlier attempt of this task committed the shard and removed its work files,
+        # then failed (reporting to Prefect, say): its retry has nothing left to write.
+        return WriteReport(work.shard)
     library = load_style_library()
     settings = config.clip_settings()
     last = "judge" if config.vlm_judge else "score"

@@ -36,6 +36,25 @@ def write_bytes_atomic(path: Path, data: bytes) -> None:
     os.replace(tmp, path)
 
 
+def remove_leftovers(work_root: Path) -> list[Path]:
+    """Delete what killed writers and removals left under a build's work folder: hidden
+    temporary files and shard folders renamed away for deletion. Call it only while holding
+    the dataset's lock (then nothing else is writing there). Returns what was removed."""
+    if not work_root.is_dir():
+        return []
+    leftovers = sorted(work_root.rglob(".*.tmp-*"), key=lambda p: len(p.parts))
+    removed = []
+    for path in leftovers:
+        if not path.exists():
+            continue  # inside a folder removed before it
+        if path.is_dir():
+            shutil.rmtree(path, ignore_errors=True)
+        else:
+            path.unlink(missing_ok=True)
+        removed.append(path)
+    return removed
+
+
 def encode_lossless(frames: np.ndarray, fps: float = 16.0) -> bytes:
     """Bit-exact RGB video bytes (libx264rgb, CRF 0, Matroska)."""
     frames = np.ascontiguousarray(frames)
@@ -163,5 +182,15 @@ class ShardWork:
             if s.sample_id not in rejected and not self.has(stage, s.sample_id)
         ]
 
+    def exists(self) -> bool:
+        return self.root.is_dir()
+
     def remove(self) -> None:
-        shutil.rmtree(self.root, ignore_errors=True)
+        """Delete the shard's work files. The folder is renamed away first so that it goes at
+        once: a missing shard folder then always means the shard was written and cleaned up
+        (see run_write), never that a delete stopped half-way."""
+        if not self.root.is_dir():
+            return
+        doomed = temporary_path(self.root)
+        os.rename(self.root, doomed)
+        shutil.rmtree(doomed, ignore_errors=True)

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import json
+import os
 import subprocess
 import sys
 
@@ -99,6 +100,28 @@ def test_installed_command_runs_without_importing_torch(dataset):
     result = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True)
     assert result.returncode == 0, result.stderr
     assert result.stdout.strip().endswith("ok")
+
+
+def test_build_with_an_empty_prefect_api_url_runs_on_a_healthy_temporary_server(tmp_path):
+    """`PREFECT_API_URL=` (empty) means no server, as unset does: the flow runs on the temporary
+    server and Prefect's events client works (left empty, it failed on every event)."""
+    code = (
+        "from datagen import cli\n"
+        "cli._load_flow('ct')\n"
+        "from prefect import flow, task\n"
+        "probe = task(lambda i: i, name='probe')\n"
+        "@flow\n"
+        "def probes():\n"
+        "    return [probe.submit(i).result() for i in range(3)]\n"
+        "assert probes() == [0, 1, 2]\n"
+    )
+    env = os.environ | {"PREFECT_API_URL": "", "PREFECT_HOME": str(tmp_path / "prefect")}
+    result = subprocess.run(
+        [sys.executable, "-c", code], capture_output=True, text=True, env=env, timeout=300
+    )
+    assert result.returncode == 0, result.stderr[-3000:]
+    assert "Starting temporary server" in result.stderr + result.stdout
+    assert "EventsWorker' failed" not in result.stderr, result.stderr[-3000:]
 
 
 def recording_flow(monkeypatch) -> list[dict]:

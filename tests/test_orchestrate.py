@@ -1,4 +1,5 @@
-"""In-process stage runners of a build (no Ray): one batch at a time, always on one thread."""
+"""In-process stage runners of a build (no Ray): one batch of any stage at a time, always on
+one thread."""
 
 from __future__ import annotations
 
@@ -12,40 +13,42 @@ from datagen.stage import Resources, Stage
 
 class ThreadRecordingStage(Stage):
     """A real Stage that doubles numbers and notes which thread ran each batch, and whether
-    two batches ever overlapped."""
+    two batches (of the stages sharing `running_in`) ever overlapped."""
 
     name = "double"
 
     def __init__(self):
         super().__init__(Resources(num_cpus=0.25))
         self.threads: set[int] = set()
-        self.running = 0
-        self.overlapped = False
+        self.running_in = {"batches": 0, "overlapped": False}  # may be shared between stages
 
     def _load(self) -> None:
         pass
 
     def _process(self, batch):
-        self.running += 1
-        self.overlapped |= self.running > 1
+        self.running_in["batches"] += 1
+        self.running_in["overlapped"] |= self.running_in["batches"] > 1
         self.threads.add(threading.get_ident())
         results = [2 * x for x in batch]
         threading.Event().wait(0.001)  # give another caller the chance to overlap
-        self.running -= 1
+        self.running_in["batches"] -= 1
         return results
 
 
-def test_batches_from_many_task_threads_run_one_at_a_time_on_one_thread():
-    stage = ThreadRecordingStage()
-    runner = StageThread(LocalRunner(stage), "double")
-    try:
+def test_batches_of_all_stages_from_many_task_threads_run_one_at_a_time_on_one_thread():
+    stages = [ThreadRecordingStage(), ThreadRecordingStage()]
+    for stage in stages:  # one count of running batches across both stages
+        stage.running_in = running = {"batches": 0, "overlapped": False}
+    with ThreadPoolExecutor(max_workers=1) as compute:
+        runners = [StageThread(LocalRunner(stage), compute) for stage in stages]
         with ThreadPoolExecutor(max_workers=6) as callers:
             results = list(
-                callers.map(lambda k: list(runner.map([[k, k + 1], [k + 2]])), range(30))
+                callers.map(lambda k: list(runners[k % 2].map([[k, k + 1], [k + 2]])), range(30))
             )
-    finally:
-        runner.shutdown()
+        for runner in runners:
+            runner.shutdown()
     assert results == [[[2 * k, 2 * k + 2], [2 * k + 4]] for k in range(30)]
-    assert len(stage.threads) == 1 and threading.get_ident() not in stage.threads
-    assert not stage.overlapped
-    assert stage.stats.batches == 60
+    threads = stages[0].threads | stages[1].threads
+    assert len(threads) == 1 and threading.get_ident() not in threads
+    assert not running["overlapped"], "two stages computed at once"
+    assert stages[0].stats.batches == stages[1].stats.batches == 30

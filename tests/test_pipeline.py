@@ -83,6 +83,9 @@ def test_tiny_build_writes_valid_pairs_and_a_rerun_adds_nothing(sources, runners
     params = json.loads(row["params"])
     assert params["animate"]["raw"]["seed"] == params["animate"]["stylized"]["seed"] == row["seed"]
     assert not any(config.work_root.iterdir()), "work files go once a shard is committed"
+    # a write task retried after its shard was committed (it failed reporting) adds nothing
+    retried = run_write(ShardWork(config.work_root, plan.shards[0]), config, {})
+    assert (retried.written, retried.rejected, retried.shards) == (0, 0, [])
 
     shards_before = list_shards(config.dataset_dir)
     again, _ = build(config, runners)
