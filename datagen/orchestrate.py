@@ -27,7 +27,7 @@ from prefect.artifacts import (
 )
 from prefect.cache_policies import NO_CACHE
 
-from datagen.native_heap import bound_native_heap
+from datagen.native_heap import arrow_on_native_heap
 from datagen.pipeline import (
     STAGE_FUNCTIONS,
     BuildConfig,
@@ -227,7 +227,7 @@ def write_task(shard: str, config: BuildConfig, provenance: dict) -> dict:
 
 def run_build(config: BuildConfig, use_ray: bool = True) -> dict:
     """The body of the build-ct and build-sft flows (see flows/)."""
-    bound_native_heap()  # a deployment's flow process does not start from our CLI
+    arrow_on_native_heap()  # bounds the native heap too (a deployment's flow skips our CLI)
     check_key_blocks(config)  # a missing Secret block fails here, before any work
     with DatasetLock(config.dataset_dir, purpose=f"build-{config.split}"):
         # Holding the lock, every hidden temporary belongs to a writer that was killed.

@@ -72,9 +72,9 @@ class StageActor:
     """Holds one Stage: loads its model(s) once at construction, then serves batches."""
 
     def __init__(self, factory: Callable[[], Stage], torch_threads: int | None = None):
-        from datagen.native_heap import bound_native_heap
+        from datagen.native_heap import arrow_on_native_heap
 
-        bound_native_heap()  # before the model loads: see datagen/native_heap.py
+        arrow_on_native_heap()  # before the model loads: see datagen/native_heap.py
         if torch_threads:
             import torch
 

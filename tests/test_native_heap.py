@@ -42,6 +42,33 @@ def test_opt_out():
     assert probe(DATAGEN_NATIVE_HEAP="default") == "False False"
 
 
+ARROW_PROBE = (
+    "import pyarrow; from datagen.native_heap import arrow_on_native_heap as a; "
+    "print(a(), pyarrow.default_memory_pool().backend_name)"
+)
+
+
+def test_build_processes_put_arrow_on_the_bounded_heap_unless_told_otherwise():
+    def arrow(**env: str) -> str:
+        clean = {
+            k: v
+            for k, v in os.environ.items()
+            if not k.startswith(("MALLOC_", "DATAGEN_", "ARROW_"))
+        }
+        result = subprocess.run(
+            [sys.executable, "-c", ARROW_PROBE],
+            env=clean | env,
+            capture_output=True,
+            text=True,
+            check=True,
+        )
+        return result.stdout.strip()
+
+    assert arrow() == "True system"
+    assert arrow(DATAGEN_NATIVE_HEAP="default") != "True system"
+    assert arrow(ARROW_DEFAULT_MEMORY_POOL="jemalloc") == "False jemalloc"
+
+
 def test_the_cli_applies_it_before_any_command(tmp_path):
     # the callback runs before every command, even one that then fails on its input
     code = (
