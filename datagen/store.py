@@ -159,6 +159,10 @@ def temporary_path(final: Path) -> Path:
     return final.with_name(f".{final.name}.tmp-{os.getpid()}-{secrets.token_hex(2)}")
 
 
+# Matches every name temporary_path makes.
+TEMPORARY_GLOB = ".*.tmp-*"
+
+
 def fsync_path(path: Path) -> None:
     fd = os.open(path, os.O_RDONLY)
     try:
@@ -518,6 +522,11 @@ def _index_schema(columns: list[str] | None) -> pa.Schema:
     return pa.schema([schema.field(c) for c in wanted], metadata=schema.metadata)
 
 
+def _check_batch_rows(batch_rows: int | None) -> None:
+    if batch_rows is not None and batch_rows < 1:
+        raise ValueError(f"batch_rows must be >= 1 or None, got {batch_rows}")
+
+
 def _read_batches(
     file: pq.ParquetFile, columns: list[str] | None, batch_rows: int | None
 ) -> Iterator[pa.Table]:
@@ -549,8 +558,7 @@ def iter_index(
     rebuilt from their scalar columns. Every index file is opened and its schema checked when
     this is called, before the first table is produced.
     """
-    if batch_rows is not None and batch_rows < 1:
-        raise ValueError(f"batch_rows must be >= 1 or None, got {batch_rows}")
+    _check_batch_rows(batch_rows)
     dataset_dir = Path(dataset_dir)
     present = set(list_shards(dataset_dir))
     if restrict_to is not None:
@@ -672,7 +680,7 @@ def hidden_temporaries(dataset_dir: str | os.PathLike) -> list[Path]:
     """Leftover temporary files of interrupted writers (never visible to readers)."""
     dataset_dir = Path(dataset_dir)
     folders = [dataset_dir, dataset_dir / INDEX_DIR, dataset_dir / REJECTS_DIR]
-    return sorted(p for f in folders if f.is_dir() for p in f.glob(".*.tmp-*"))
+    return sorted(p for f in folders if f.is_dir() for p in f.glob(TEMPORARY_GLOB))
 
 
 def remove_hidden_temporaries(dataset_dir: str | os.PathLike) -> list[Path]:
@@ -865,8 +873,7 @@ def iter_rejects(
     """The rows of `read_rejects`, in the same order (files by name), as non-empty tables of at
     most `batch_rows` rows (None: one table per file). Every file is opened and its schema
     checked when this is called, before the first table is produced."""
-    if batch_rows is not None and batch_rows < 1:
-        raise ValueError(f"batch_rows must be >= 1 or None, got {batch_rows}")
+    _check_batch_rows(batch_rows)
     folder = Path(dataset_dir) / REJECTS_DIR
     paths = sorted(folder.glob(f"*{PARQUET_SUFFIX}")) if folder.is_dir() else []
     files = []

@@ -25,7 +25,7 @@ import numpy as np
 
 from datagen.plan import PlannedSample
 from datagen.stage import Reject
-from datagen.store import temporary_path
+from datagen.store import TEMPORARY_GLOB, temporary_path
 from datagen.video import decode_png, encode_png
 
 
@@ -42,7 +42,7 @@ def remove_leftovers(work_root: Path) -> list[Path]:
     the dataset's lock (then nothing else is writing there). Returns what was removed."""
     if not work_root.is_dir():
         return []
-    leftovers = sorted(work_root.rglob(".*.tmp-*"), key=lambda p: len(p.parts))
+    leftovers = sorted(work_root.rglob(TEMPORARY_GLOB), key=lambda p: len(p.parts))
     removed = []
     for path in leftovers:
         if not path.exists():
@@ -189,7 +189,7 @@ class ShardWork:
         """Delete the shard's work files. The folder is renamed away first so that it goes at
         once: a missing shard folder then always means the shard was written and cleaned up
         (see run_write), never that a delete stopped half-way."""
-        if not self.root.is_dir():
+        if not self.exists():
             return
         doomed = temporary_path(self.root)
         os.rename(self.root, doomed)
