@@ -7,7 +7,7 @@ M and 10M clip samples; `--compare-default-heap` repeats it with glibc's default
 instead of datagen's bounded native heap (datagen/native_heap.py), as the peer. Flat means the
 10x run's peak is within `--tolerance` of the small one.
 
-    python bench/memory.py --rows 10000 --clips 8 [--compare-default-heap]
+    python bench/memory.py --rows 100000 --clips 8 [--only filter|build] [--compare-default-heap]
 """
 
 from __future__ import annotations
@@ -127,13 +127,18 @@ def main() -> None:
     parser = argparse.ArgumentParser(
         description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter
     )
-    parser.add_argument("--rows", type=int, default=10_000)
+    parser.add_argument(
+        "--rows",
+        type=int,
+        default=100_000,
+        help="rows of the smaller filter run; 100,000 = past the first index batches "
+        "(65,536 rows), so both runs reach the filter's steady state",
+    )
     parser.add_argument(
         "--media-bytes",
         type=int,
-        default=5_000,
-        help="bytes per video column; small, so the 10x run stays on disk and "
-        "both runs are past the first row groups (steady state)",
+        default=1_000,
+        help="bytes per video column; small, so the 10x run (~3 GB) stays on disk",
     )
     parser.add_argument(
         "--clips",
@@ -154,16 +159,20 @@ def main() -> None:
         help="runs of each size; the median peak counts (one run's peak moves by a few "
         "percent with thread timing)",
     )
+    parser.add_argument(
+        "--only", choices=["filter", "build"], help="measure only the filter or only the build"
+    )
     parser.add_argument("--tolerance", type=float, default=0.05)
     args = parser.parse_args()
     work = Path(tempfile.mkdtemp(prefix="datagen-bench-memory-"))
     try:
         flat = True
-        runs = [
-            ("filter", filter_peaks(work, args.rows, args.media_bytes, args.repeats)),
-            ("build", build_peaks(work, args.clips, repeats=args.repeats)),
-        ]
-        if args.compare_default_heap:  # the peer: not part of the verdict
+        runs = []
+        if args.only in (None, "filter"):
+            runs.append(("filter", filter_peaks(work, args.rows, args.media_bytes, args.repeats)))
+        if args.only in (None, "build"):
+            runs.append(("build", build_peaks(work, args.clips, repeats=args.repeats)))
+        if args.compare_default_heap and args.only != "filter":  # the peer: not part of the verdict
             runs.append(
                 (
                     "build, glibc default heap",

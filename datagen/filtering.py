@@ -1,24 +1,26 @@
 """`datagen filter`: keep the rows of finished shards that pass score thresholds.
 
-Decisions are made on the index alone (no video bytes read), in three streaming passes, so
-memory does not grow with the dataset beyond a few dozen bytes per copied row:
+Decisions are made on the index alone (no video bytes read), in two streaming passes, so
+memory does not grow with the dataset: nothing is kept per row from one index batch to the next.
 
-1. the index is read in batches of `batch_rows` rows, only the columns that decide and locate a
-   row; each batch is decided and counted, and only the copied rows' locators are kept (shard
-   number, row number and sample_id, about 25 bytes a row: they find the rows in pass 2 and
-   check for duplicates and a stale index). `--dry-run` stops here, reading only the scores;
-2. the copied rows are read from their shards one row group at a time (the next one
-   prefetched), in shard and row order, and written to the output shards;
-3. IN's rejects are copied, then the index is read again in batches to write one rejects row
-   per dropped row, flushed every `batch_rows` rows (so OUT may get several rejects files).
+1. the index's score columns are read in batches of `batch_rows` rows and every row decided, to
+   count (the progress total and the result). `--dry-run` stops here, opening no shard;
+2. IN's rejects are copied, then the index is read again in smaller batches (it reads more
+   columns): each batch is decided again, its dropped rows become rejects rows (one rejects
+   file, a row group per batch), and the rows to copy are read from their shards one row group at a
+   time (the next one prefetched while this one is written), in index order, each checked
+   against the sample_id the index gives it. Counts that differ from pass 1 mean the index
+   changed meanwhile: the run fails.
 
-What stays in memory besides the locators: one index batch, a few row groups and one rejects
-flush. The output is built in a hidden staging directory next to OUT and renamed into place
-when complete: OUT appears whole or not at all, and IN is never touched.
+What stays in memory: one index batch, the rows of a few row groups and one batch of rejects. The
+output is built in a hidden staging directory next to OUT and renamed into place when complete:
+OUT appears whole or not at all, and IN is never touched. Duplicate sample_ids are not looked
+for here (that needs every id at once): `datagen validate` checks them.
 """
 
 from __future__ import annotations
 
+import contextlib
 import math
 import os
 import queue
@@ -54,6 +56,10 @@ DROPPED_DIR = "_dropped"
 # Index rows decided, and rejects rows buffered, at a time (a few MB of index columns).
 # Large enough that a 1M-row dry run is not slower than reading the index whole.
 BATCH_ROWS = 65_536
+# Index rows, and rejects rows buffered, at a time in pass 2: it reads ten columns of the index,
+# not three, and builds their rejects rows (~20 MiB more at BATCH_ROWS; a peak that a run of
+# 10x the rows meets more often). Row groups split across batches are still read once.
+COPY_BATCH_ROWS = 8_192
 
 
 class FilterError(Exception):
@@ -201,44 +207,27 @@ def check_paths(in_dir: Path, out_dir: Path, overwrite: bool) -> None:
 
 
 @dataclass
-class _Locators:
-    """Where selected rows live: `shard` indexes the dataset's sorted shard names, `row` is the
-    row number in that shard; `sample_id` is what the index says the row holds."""
-
-    shard: np.ndarray  # int32
-    row: np.ndarray  # int64
-    sample_id: pa.ChunkedArray
-
-    @classmethod
-    def gather(cls, parts: list[tuple[np.ndarray, np.ndarray, pa.Array]]) -> _Locators:
-        if not parts:
-            return cls(
-                np.empty(0, np.int32), np.empty(0, np.int64), pa.chunked_array([], pa.string())
-            )
-        shards, rows, ids = zip(*parts, strict=True)
-        return cls(np.concatenate(shards), np.concatenate(rows), pa.chunked_array(ids))
-
-    def __len__(self) -> int:
-        return len(self.row)
-
-
-@dataclass
 class _Scan:
-    """What pass 1 learns from the index: counts, and the locators of the rows to copy."""
+    """Pass 1: the counts of every decision, from the score columns of the index alone."""
 
     total: int = 0
     reason_counts: np.ndarray = field(default_factory=lambda: np.zeros(len(REASONS), np.int64))
-    kept: list[tuple[np.ndarray, np.ndarray, pa.Array]] = field(default_factory=list)
-    dropped: list[tuple[np.ndarray, np.ndarray, pa.Array]] = field(default_factory=list)
+
+    def add(self, decision: Decision) -> None:
+        self.total += len(decision.code)
+        self.reason_counts += decision.reason_counts()
+
+    @property
+    def kept(self) -> int:
+        return self.total - int(self.reason_counts.sum())
 
     def result(self, criteria: FilterCriteria) -> FilterResult:
         counts = self.reason_counts
         missing = int(counts[MISSING_CODES].sum())
-        kept = self.total - int(counts.sum())
         return FilterResult(
             total=self.total,
-            kept=kept,
-            dropped=self.total - kept - missing,
+            kept=self.kept,
+            dropped=self.total - self.kept - missing,
             missing=missing,
             reasons={r: int(n) for r, n in zip(REASONS, counts, strict=True) if n},
             criteria=criteria.describe(),
@@ -259,7 +248,8 @@ def filter_dataset(
     batch_rows: int = BATCH_ROWS,
 ) -> FilterResult:
     """Filter dataset IN into OUT (see module docstring). With `dry_run`, only count.
-    `batch_rows` bounds the index rows decided, and the rejects rows buffered, at a time."""
+    `batch_rows` bounds the index rows decided at a time (and, at most COPY_BATCH_ROWS, the
+    index rows copied and the rejects rows buffered)."""
     in_dir = Path(in_dir)
     if batch_rows < 1:
         raise FilterError(f"batch_rows must be >= 1, got {batch_rows}")
@@ -268,19 +258,12 @@ def filter_dataset(
     if out_dir is not None:
         check_paths(in_dir, Path(out_dir), overwrite)
     dataset = Dataset(in_dir)
-    if dry_run:  # the score columns only: no shard is opened
-        scan = _scan_index(dataset, criteria, batch_rows, locate=False, keep_dropped=False)
-        return scan.result(criteria)
-    scan = _scan_index(dataset, criteria, batch_rows, locate=True, keep_dropped=write_dropped)
-    result = scan.result(criteria)
-    kept = _Locators.gather(scan.kept)
-    scan.kept.clear()
-    duplicates = len(kept) - pc.count_distinct(kept.sample_id).as_py()
-    if duplicates:
-        raise DatasetError(
-            f"{in_dir}: {duplicates} duplicate sample_id(s) among the kept rows; "
-            f"run `datagen validate {in_dir}`"
-        )
+    counted = _Scan()  # pass 1: the score columns only, no shard is opened
+    for index in _index_batches(dataset, DECISION_COLUMNS, batch_rows):
+        counted.add(decide(index, criteria))
+    result = counted.result(criteria)
+    if dry_run:
+        return result
 
     out_dir = Path(out_dir)
     staging = out_dir.parent / f".{out_dir.name}.datagen-tmp-{os.getpid()}"
@@ -288,25 +271,44 @@ def filter_dataset(
     try:
         if on_start:
             on_start(result.kept + (result.total - result.kept if write_dropped else 0))
-        with ShardWriter(staging, dataset.split, limits=limits) as writer:
-            _copy_rows(dataset, kept, writer, on_rows)
-        result.shards = writer.committed_shards
-        if write_dropped:
-            dropped_rows = _Locators.gather(scan.dropped)
-            scan.dropped.clear()
-            with ShardWriter(staging / DROPPED_DIR, dataset.split, limits=limits) as dropped:
-                _copy_rows(dataset, dropped_rows, dropped, on_rows)
-            result.dropped_rows_written = dropped.rows_written
-        with RejectsWriter(staging, run_id=writer.run_id, flush_every=batch_rows) as rejects:
-            for table in iter_rejects(in_dir, batch_rows=batch_rows):
-                rejects.add_table(table)
-            written = _write_filter_rejects(dataset, criteria, batch_rows, rejects)
-        if written != result.total - result.kept:
-            raise DatasetError(
-                f"{in_dir}: the index changed while filtering ({result.total - result.kept} "
-                f"rows dropped when deciding, {written} when writing rejects); run the filter "
-                "again once IN is no longer being written"
+        with contextlib.ExitStack() as stack:
+            writer = stack.enter_context(ShardWriter(staging, dataset.split, limits=limits))
+            dropped = None
+            if write_dropped:
+                dropped = stack.enter_context(
+                    ShardWriter(staging / DROPPED_DIR, dataset.split, limits=limits)
+                )
+            rejects = stack.enter_context(
+                RejectsWriter(
+                    staging,
+                    run_id=writer.run_id,
+                    flush_every=min(batch_rows, COPY_BATCH_ROWS),
+                    one_file=True,
+                )
             )
+            for table in iter_rejects(in_dir, batch_rows=batch_rows):  # IN's rejects first
+                rejects.add_table(table)
+            copied = _Scan()
+            copy = _copy_pass(
+                dataset, criteria, min(batch_rows, COPY_BATCH_ROWS), write_dropped, copied
+            )
+            for piece in prefetch(copy, depth=2):
+                for table, into in ((piece.kept, writer), (piece.dropped, dropped)):
+                    if table is not None and table.num_rows:
+                        into.write(table)
+                        if on_rows:
+                            on_rows(table.num_rows)
+                if piece.rejects is not None:
+                    rejects.add_table(piece.rejects)
+                del piece  # not held while the next one is awaited
+            if (copied.total, copied.kept) != (result.total, result.kept):
+                raise DatasetError(
+                    f"{in_dir}: the index changed while filtering ({result.total} rows, "
+                    f"{result.kept} kept when counting; {copied.total} rows, {copied.kept} kept "
+                    "when copying); run the filter again once IN is no longer being written"
+                )
+        result.shards = writer.committed_shards
+        result.dropped_rows_written = dropped.rows_written if dropped else 0
         move_into_place(staging, out_dir)
     except BaseException:
         shutil.rmtree(staging, ignore_errors=True)
@@ -323,100 +325,131 @@ def _index_batches(dataset: Dataset, columns: list[str], batch_rows: int) -> Ite
     )
 
 
-def _scan_index(
+@dataclass
+class _Piece:
+    """What pass 2 hands to the writing thread: rows to copy, rows of `--rejects`, and rejects
+    rows, each possibly absent."""
+
+    kept: pa.Table | None = None
+    dropped: pa.Table | None = None
+    rejects: pa.Table | None = None
+
+
+@dataclass
+class _RowGroupRows:
+    """Index rows that live in row group `group` of one shard, in index order: `local` are
+    their row numbers in the row group, `keep` whether each one was kept."""
+
+    file: pq.ParquetFile
+    path: Path
+    group: int
+    local: list[np.ndarray] = field(default_factory=list)
+    sample_id: list[pa.Array] = field(default_factory=list)
+    keep: list[np.ndarray] = field(default_factory=list)
+
+    def is_in(self, file: pq.ParquetFile, group: int) -> bool:
+        return self.file is file and self.group == group
+
+
+class _Shards:
+    """Opens the shards pass 2 reads, again only when the index moves to another one."""
+
+    def __init__(self, dataset: Dataset):
+        self.dataset = dataset
+        self.number = -1
+        self.current: tuple[pq.ParquetFile, Path, np.ndarray] | None = None
+
+    def open(self, number: int) -> tuple[pq.ParquetFile, Path, np.ndarray]:
+        """The shard's file, path and first row number of each row group (then the row count)."""
+        if number != self.number:
+            path = self.dataset.path / self.dataset.shards[number]
+            file = self.dataset.open_shard(path.name)
+            self.number, self.current = number, (file, path, row_group_starts(file))
+        return self.current
+
+
+def _copy_pass(
     dataset: Dataset,
     criteria: FilterCriteria,
     batch_rows: int,
-    *,
-    locate: bool,
-    keep_dropped: bool,
-) -> _Scan:
-    """Pass 1: decide every index row, batch by batch; count, and keep the locators of the kept
-    rows (and of the dropped ones with `keep_dropped`) when `locate`."""
-    scan = _Scan()
+    write_dropped: bool,
+    counts: _Scan,
+) -> Iterator[_Piece]:
+    """Pass 2: decide each index batch again, yield its rejects rows, and read the rows to copy
+    (the kept ones, and the dropped ones with `write_dropped`) from their shards, one row group
+    at a time, in index order. The rows of a row group that the index lists together are read
+    with one read, even across index batches; `counts` gets every decision."""
+    created_at = now_utc()  # one time for the whole filter run
     shard_names = pa.array(dataset.shards, pa.string())
-    columns = DECISION_COLUMNS + (LOCATOR_COLUMNS if locate else [])
+    shards = _Shards(dataset)
+    pending: _RowGroupRows | None = None
+    columns = REJECT_COLUMNS + DECISION_COLUMNS + ["shard", "row"]
     for index in _index_batches(dataset, columns, batch_rows):
         decision = decide(index, criteria)
-        scan.total += index.num_rows
-        scan.reason_counts += decision.reason_counts()
-        if not locate:
+        counts.add(decision)
+        if not decision.keep.all():
+            yield _Piece(rejects=_filter_rejects(index, decision, criteria, created_at))
+        wanted = np.ones(index.num_rows, bool) if write_dropped else decision.keep
+        if not wanted.any():
             continue
-        # position in the sorted shard names: sorting by it sorts by shard name
-        shard = pc.index_in(index["shard"], value_set=shard_names)
-        if shard.null_count:  # iter_index yields only the shards asked for; never silently
+        chosen = index.filter(pa.array(wanted))
+        keep = decision.keep[wanted]
+        # position in the sorted shard names
+        numbers = pc.index_in(chosen["shard"], value_set=shard_names)
+        if numbers.null_count:  # iter_index yields only the shards asked for; never silently
             raise DatasetError(f"{dataset.path}: index names a shard that is not in IN")
-        shard = shard.to_numpy(zero_copy_only=False).astype(np.int32)
-        row = index["row"].to_numpy()
-        keep = decision.keep
-        for wanted, parts in ((keep, scan.kept), (~keep, scan.dropped if keep_dropped else None)):
-            if parts is not None and wanted.any():
-                chosen = pa.array(wanted)
-                parts.append(
-                    (shard[wanted], row[wanted], index["sample_id"].filter(chosen).combine_chunks())
+        numbers = numbers.to_numpy(zero_copy_only=False)
+        rows = chosen["row"].to_numpy()
+        sample_ids = chosen["sample_id"].combine_chunks()
+        for lo, hi in _runs(numbers):
+            file, path, starts = shards.open(int(numbers[lo]))
+            if rows[lo:hi].min() < 0 or rows[lo:hi].max() >= starts[-1]:
+                raise DatasetError(
+                    f"{path}: index is stale (it names rows the shard does not have); "
+                    "run `datagen validate`"
                 )
-    return scan
+            groups = np.searchsorted(starts, rows[lo:hi], side="right") - 1
+            for group_lo, group_hi in _runs(groups):
+                group = int(groups[group_lo])
+                if pending is not None and not pending.is_in(file, group):
+                    yield _read_rows(pending)
+                    pending = None
+                if pending is None:
+                    pending = _RowGroupRows(file, path, group)
+                span = slice(lo + group_lo, lo + group_hi)
+                pending.local.append(rows[span] - starts[group])
+                pending.sample_id.append(sample_ids[span])
+                pending.keep.append(keep[span])
+    if pending is not None:
+        yield _read_rows(pending)
 
 
-def _selected_row_groups(dataset: Dataset, selected: _Locators) -> Iterator[pa.Table]:
-    """The selected rows, read from their shards one row group at a time, in shard and row
-    order. Nothing of a row group is held once it is yielded (see `_pick`)."""
-    if len(selected) == 0:
-        return
-    order = np.lexsort((selected.row, selected.shard))
-    shards = selected.shard[order]
-    rows = selected.row[order]
-    sample_ids = selected.sample_id.take(pa.array(order))
-    boundaries = np.flatnonzero(shards[1:] != shards[:-1]) + 1
-    for lo, hi in zip(np.r_[0, boundaries], np.r_[boundaries, len(shards)], strict=True):
-        shard = dataset.shards[shards[lo]]
-        file = dataset.open_shard(shard)
-        starts = row_group_starts(file)
-        groups = np.searchsorted(starts, rows[lo:hi], side="right") - 1
-        for group in np.unique(groups):
-            in_group = np.flatnonzero(groups == group) + lo
-            yield _pick(
-                file,
-                int(group),
-                rows[in_group] - starts[group],
-                sample_ids.take(pa.array(in_group)),
-                dataset.path / shard,
-            )
+def _runs(values: np.ndarray) -> Iterator[tuple[int, int]]:
+    """(start, stop) of each run of equal consecutive values."""
+    bounds = np.r_[0, np.flatnonzero(values[1:] != values[:-1]) + 1, len(values)]
+    return zip(bounds[:-1].tolist(), bounds[1:].tolist(), strict=True)
 
 
-def _pick(
-    file: pq.ParquetFile, group: int, local: np.ndarray, expected: pa.ChunkedArray, path: Path
-) -> pa.Table:
-    """Rows `local` of row group `group`, checked against the sample_ids the index expects.
-    A function of its own so that the whole row group is freed as soon as the rows are taken,
-    not kept by a suspended generator while the next one is read."""
+def _read_rows(wanted: _RowGroupRows) -> _Piece:
+    """The rows `wanted` of one row group, checked against the sample_ids the index expects,
+    split into kept and dropped. A function of its own so that the whole row group is freed as
+    soon as the rows are taken, not kept by a suspended generator while the next one is read."""
+    local = np.concatenate(wanted.local)
+    keep = np.concatenate(wanted.keep)
     # Decoded in the calling (prefetch) thread only: that thread is the overlap with writing,
     # and Arrow's pool threads would each keep freed buffers of their own.
-    table = file.read_row_group(group, use_threads=False)
-    # every row of the group passes: no copy
-    picked = table if len(local) == table.num_rows else table.take(pa.array(local))
-    if not pc.all(pc.equal(picked["sample_id"], expected)).as_py():
+    table = wanted.file.read_row_group(wanted.group, use_threads=False)
+    if not np.array_equal(local, np.arange(table.num_rows)):  # every row, in order: no copy
+        table = table.take(pa.array(local))
+    expected = pa.chunked_array(wanted.sample_id, pa.string())
+    if not pc.all(pc.equal(table["sample_id"], expected)).as_py():
         raise DatasetError(
-            f"{path}: index is stale (sample_ids differ in row group {group}); "
+            f"{wanted.path}: index is stale (sample_ids differ in row group {wanted.group}); "
             "run `datagen validate`"
         )
-    return picked
-
-
-def _copy_rows(
-    dataset: Dataset,
-    selected: _Locators,
-    writer: ShardWriter,
-    on_rows: Callable[[int], None] | None,
-) -> None:
-    """Pass 2: copy the selected rows into `writer`. A reader thread fetches the next row group
-    while this thread writes the current one (both release the GIL); the queue bounds memory to
-    a few row groups."""
-    for picked in prefetch(_selected_row_groups(dataset, selected), depth=2):
-        writer.write(picked)
-        if on_rows:
-            on_rows(picked.num_rows)
-        del picked  # not held while the next one is awaited
+    if keep.all():
+        return _Piece(kept=table)
+    return _Piece(kept=table.filter(pa.array(keep)), dropped=table.filter(pa.array(~keep)))
 
 
 def prefetch(items: Iterator, depth: int) -> Iterator:
@@ -455,19 +488,6 @@ def prefetch(items: Iterator, depth: int) -> Iterator:
     finally:
         stop.set()
         thread.join()
-
-
-def _write_filter_rejects(
-    dataset: Dataset, criteria: FilterCriteria, batch_rows: int, rejects: RejectsWriter
-) -> int:
-    """Pass 3: one rejects row per dropped index row, batch by batch; returns how many."""
-    created_at = now_utc()  # one time for the whole filter run
-    written = 0
-    for index in _index_batches(dataset, REJECT_COLUMNS + DECISION_COLUMNS, batch_rows):
-        table = _filter_rejects(index, decide(index, criteria), criteria, created_at)
-        rejects.add_table(table)
-        written += table.num_rows
-    return written
 
 
 def _filter_rejects(

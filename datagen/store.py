@@ -787,18 +787,31 @@ def row_group_starts(file: pq.ParquetFile) -> np.ndarray:
 
 
 class RejectsWriter:
-    """Records rejected samples; each flush writes one complete `_rejects/` file."""
+    """Records rejected samples; each flush writes one complete `_rejects/` file.
+
+    With `one_file`, for writers whose whole output appears at once (the filter's staging
+    directory): every flush appends a row group to one file instead, so memory holds one flush
+    and the folder one file however many rows are rejected. That file appears only on a clean
+    close.
+    """
 
     def __init__(
-        self, dataset_dir: str | os.PathLike, run_id: str | None = None, flush_every: int = 1000
+        self,
+        dataset_dir: str | os.PathLike,
+        run_id: str | None = None,
+        flush_every: int = 1000,
+        one_file: bool = False,
     ):
         self.folder = Path(dataset_dir) / REJECTS_DIR
         self.run_id = run_id or new_run_id()
         self.flush_every = flush_every
+        self.one_file = one_file
         self._rows: list[dict] = []
         self._tables: list[pa.Table] = []
         self._pending = 0
         self._number = 0
+        self._stream: pq.ParquetWriter | None = None
+        self._stream_path: Path | None = None
         self.count = 0
 
     def add(
@@ -838,6 +851,9 @@ class RejectsWriter:
         if self._pending >= self.flush_every:
             self.flush()
 
+    def _final_path(self) -> Path:
+        return self.folder / f"rejects-{self.run_id}-{self._number:05d}{PARQUET_SUFFIX}"
+
     def flush(self) -> None:
         schema = table_schema(REJECTS)
         tables = list(self._tables)
@@ -849,21 +865,41 @@ class RejectsWriter:
             return
         self.folder.mkdir(parents=True, exist_ok=True)
         table = pa.concat_tables(tables)
-        final = self.folder / f"rejects-{self.run_id}-{self._number:05d}{PARQUET_SUFFIX}"
-        write_table_atomic(table, final, compression="zstd")
+        if self.one_file:
+            if self._stream is None:
+                self._stream_path = temporary_path(self._final_path())
+                self._stream = pq.ParquetWriter(self._stream_path, schema, compression="zstd")
+            self._stream.write_table(table)
+        else:
+            write_table_atomic(table, self._final_path(), compression="zstd")
+            self._number += 1
         self.count += table.num_rows
-        self._number += 1
         self._rows.clear()
         self._tables.clear()
         self._pending = 0
 
     def close(self) -> None:
         self.flush()
+        if self._stream is not None:
+            self._stream.close()
+            self._stream = None
+            commit_file(self._stream_path, self._final_path())
+
+    def _discard(self) -> None:
+        """One file not committed: nothing of it appears."""
+        if self._stream is not None:
+            with contextlib.suppress(Exception):
+                self._stream.close()
+            self._stream = None
+            self._stream_path.unlink(missing_ok=True)
 
     def __enter__(self) -> RejectsWriter:
         return self
 
     def __exit__(self, exc_type, exc, tb) -> None:
+        if exc_type is not None and self.one_file:
+            self._discard()
+            return
         self.close()
 
 

@@ -216,15 +216,19 @@ def test_tiny_batches_give_the_same_output_as_one_batch(dataset, tmp_path):
             # shard names carry the run id; where each row lives is compared by row number
             "index": index.drop_columns(["shard"]),
             "rejects": read_rejects(out).drop_columns(["created_at"]),
-            "rejects_files": len(list((out / REJECTS_DIR).glob("*.parquet"))),
+            "rejects_files": [
+                pq.ParquetFile(f).num_row_groups for f in (out / REJECTS_DIR).glob("*.parquet")
+            ],
         }
     tiny, whole = outputs[7], outputs[1_000_000]
     assert tiny["result"] == whole["result"]
     assert whole["result"]["kept"] > 0 and whole["result"]["dropped_rows_written"] > 0
     for part in ("rows", "dropped", "index", "rejects"):
         assert tiny[part].equals(whole[part]), part
-    # 3 carried-over rejects + one per dropped row, flushed every 7 rows: several files, all read
-    assert whole["rejects_files"] == 1 and tiny["rejects_files"] >= 3
+    # 3 carried-over rejects + one per dropped row, flushed every 7 rows or more: one file of
+    # several row groups
+    assert len(whole["rejects_files"]) == len(tiny["rejects_files"]) == 1
+    assert whole["rejects_files"][0] == 1 and tiny["rejects_files"][0] >= 3
     assert tiny["rejects"].num_rows == 3 + 40 - whole["result"]["kept"]
     assert tiny["rejects"]["stage"].to_pylist()[:3] == ["plan"] * 3, "IN's rejects come first"
     with pytest.raises(FilterError, match="batch_rows must be >= 1"):
@@ -259,3 +263,31 @@ def test_an_index_rewritten_while_filtering_is_detected(dataset, tmp_path):
         filter_dataset(dataset, tmp_path / "out", FilterCriteria(csd=0.5), on_start=rewrite_index)
     assert not (tmp_path / "out").exists()
     assert not [p for p in tmp_path.iterdir() if p.name.startswith(".")], "no staging left"
+
+
+def test_each_row_group_is_read_once_however_the_index_is_batched(dataset, tmp_path, monkeypatch):
+    reads = []
+    original = pq.ParquetFile.read_row_group
+
+    def counting(self, group, *args, **kwargs):
+        reads.append((id(self), group))
+        return original(self, group, *args, **kwargs)
+
+    monkeypatch.setattr(pq.ParquetFile, "read_row_group", counting)
+    # batches of 3 index rows split most row groups of 5 rows across batches
+    result = filter_dataset(
+        dataset, tmp_path / "out", FilterCriteria(csd=-1.0), write_dropped=True, batch_rows=3
+    )
+    assert result.kept > 0
+    # 40 rows in shards of 12, 12, 12, 4 with row groups of 5: 3 + 3 + 3 + 1 groups
+    assert len(reads) == len(set(reads)) == 10
+
+
+def test_an_index_naming_rows_a_shard_lacks_is_stale(tmp_path):
+    a = write_dataset(tmp_path / "a", [make_row(i) for i in range(6)])
+    b = write_dataset(tmp_path / "b", [make_row(i) for i in range(3)])
+    # a's index says 6 rows; the shard now holds 3
+    (a / list_shards(a)[0]).write_bytes((b / list_shards(b)[0]).read_bytes())
+    with pytest.raises(DatasetError, match="index is stale"):
+        filter_dataset(a, tmp_path / "out", FilterCriteria(csd=-1.0))
+    assert not (tmp_path / "out").exists()

@@ -190,6 +190,26 @@ def test_rejects_round_trip(tmp_path):
     assert by_id["c"]["clip_start"] == 81 and by_id["b"]["style_id"] == "x"
 
 
+def test_rejects_in_one_file_appear_whole_on_a_clean_close_only(tmp_path):
+    def add_five(rejects: RejectsWriter) -> None:
+        for i in range(5):
+            rejects.add(f"r{i}", f"file:///{i}.mp4", "filter", "csd_missing")
+        # flushed twice already, into the hidden file only
+        assert not list((rejects.folder).glob("rejects-*.parquet"))
+
+    with RejectsWriter(tmp_path / "ok", flush_every=2, one_file=True) as rejects:
+        add_five(rejects)
+    (file,) = (tmp_path / "ok" / "_rejects").iterdir()
+    assert pq.ParquetFile(file).num_row_groups == 3  # 2 + 2 + 1
+    assert read_rejects(tmp_path / "ok")["sample_id"].to_pylist() == [f"r{i}" for i in range(5)]
+
+    failing = RejectsWriter(tmp_path / "bad", flush_every=2, one_file=True)
+    with pytest.raises(RuntimeError), failing as rejects:
+        add_five(rejects)
+        raise RuntimeError("the run failed")
+    assert list((tmp_path / "bad" / "_rejects").iterdir()) == [], "nothing, not even hidden"
+
+
 def test_dataset_errors_are_specific(tmp_path, dataset):
     with pytest.raises(DatasetError, match="no such directory"):
         Dataset(tmp_path / "missing")
