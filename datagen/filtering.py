@@ -208,7 +208,7 @@ def check_paths(in_dir: Path, out_dir: Path, overwrite: bool) -> None:
 
 @dataclass
 class _Scan:
-    """Pass 1: the counts of every decision, from the score columns of the index alone."""
+    """Counts of decisions: pass 1's make the result, pass 2's must equal them."""
 
     total: int = 0
     reason_counts: np.ndarray = field(default_factory=lambda: np.zeros(len(REASONS), np.int64))

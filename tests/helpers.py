@@ -2,11 +2,14 @@
 
 from __future__ import annotations
 
+import contextlib
+from collections.abc import Iterator
 from fractions import Fraction
 from pathlib import Path
 
 import av
 import numpy as np
+import pytest
 
 
 def moving_frames(num_frames: int, height: int, width: int) -> np.ndarray:
@@ -183,12 +186,24 @@ def load_demo():
     return load_script("scripts/demo.py", "datagen_demo_script")
 
 
-def use_private_prefect(patch, home: Path) -> None:
+@contextlib.contextmanager
+def private_prefect(home: Path) -> Iterator[None]:
     """Point Prefect at its own PREFECT_HOME (so a temporary server never shares a SQLite
     database), with no API URL (a temporary local server), no analytics or Ray usage stats,
     and, as `datagen build` does, 120 s for the temporary server to start on a busy machine."""
-    patch.setenv("PREFECT_HOME", str(home))
-    patch.setenv("PREFECT_SERVER_ANALYTICS_ENABLED", "false")
-    patch.setenv("PREFECT_SERVER_EPHEMERAL_STARTUP_TIMEOUT_SECONDS", "120")
-    patch.setenv("RAY_USAGE_STATS_ENABLED", "0")
-    patch.delenv("PREFECT_API_URL", raising=False)
+    from prefect.settings import (
+        PREFECT_SERVER_EPHEMERAL_STARTUP_TIMEOUT_SECONDS,
+        temporary_settings,
+    )
+
+    with pytest.MonkeyPatch.context() as patch:
+        # for the processes Prefect and Ray start (the temporary server reads PREFECT_HOME)
+        patch.setenv("PREFECT_HOME", str(home))
+        patch.setenv("PREFECT_SERVER_ANALYTICS_ENABLED", "false")
+        patch.setenv("PREFECT_SERVER_EPHEMERAL_STARTUP_TIMEOUT_SECONDS", "120")
+        patch.setenv("RAY_USAGE_STATS_ENABLED", "0")
+        patch.delenv("PREFECT_API_URL", raising=False)
+        # This process read Prefect's settings when it first imported prefect, before the
+        # variables above: the start-up timeout is given to its settings too (it was 20 s).
+        with temporary_settings(updates={PREFECT_SERVER_EPHEMERAL_STARTUP_TIMEOUT_SECONDS: 120}):
+            yield

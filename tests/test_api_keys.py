@@ -17,7 +17,7 @@ import numpy as np
 import pytest
 from fake_image_edit_server import FakeImageEditServer, invert
 from fake_openai_server import FakeOpenAIServer, Reply
-from helpers import use_private_prefect
+from helpers import private_prefect
 
 from datagen.api_keys import (
     ApiKeyUnavailableError,
@@ -65,16 +65,14 @@ def prefect_api(tmp_path_factory):
     from prefect.testing.utilities import prefect_test_harness
 
     home = tmp_path_factory.mktemp("prefect-home")
-    with pytest.MonkeyPatch.context() as patch:
-        use_private_prefect(patch, home)
-        # the 2-core machine is shared: allow a slow start
-        with prefect_test_harness(server_startup_timeout=180):
-            Secret(value=VLM_KEY).save(VLM_BLOCK, overwrite=True)
-            Secret(value=EDIT_KEY).save(EDIT_BLOCK, overwrite=True)
-            Secret(value=NUMERIC_KEY).save(NUMERIC_BLOCK, overwrite=True)
-            Secret(value={"key": DICT_VALUE}).save(DICT_BLOCK, overwrite=True)
-            Secret(value="").save(EMPTY_BLOCK, overwrite=True)
-            yield
+    # the 2-core machine is shared: allow a slow start
+    with private_prefect(home), prefect_test_harness(server_startup_timeout=180):
+        Secret(value=VLM_KEY).save(VLM_BLOCK, overwrite=True)
+        Secret(value=EDIT_KEY).save(EDIT_BLOCK, overwrite=True)
+        Secret(value=NUMERIC_KEY).save(NUMERIC_BLOCK, overwrite=True)
+        Secret(value={"key": DICT_VALUE}).save(DICT_BLOCK, overwrite=True)
+        Secret(value="").save(EMPTY_BLOCK, overwrite=True)
+        yield
 
 
 def clip(frames: int = 9, height: int = 32, width: int = 48) -> np.ndarray:

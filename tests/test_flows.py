@@ -3,7 +3,7 @@
 from __future__ import annotations
 
 import pytest
-from helpers import use_private_prefect
+from helpers import private_prefect
 from typer.testing import CliRunner
 
 from datagen.cli import _load_flow, app
@@ -18,8 +18,7 @@ pytestmark = pytest.mark.slow
 def prefect_env(tmp_path_factory):
     """A private PREFECT_HOME, so the temporary server never shares a SQLite database."""
     home = tmp_path_factory.mktemp("prefect-home")
-    with pytest.MonkeyPatch.context() as patch:
-        use_private_prefect(patch, home)
+    with private_prefect(home):
         yield home
 
 
