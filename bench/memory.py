@@ -1,7 +1,7 @@
 """Bounded memory: peak RSS of `datagen filter` and `datagen build` as the data grows 10x.
 
 Each command runs in a fresh process; its peak RSS comes from wait4. The filter runs over
-synthetic CT datasets of N and 10N rows (default 5 KB per video column); the build runs the tiny
+synthetic CT datasets of N and 10N rows (default 1 KB per video column); the build runs the tiny
 profile with every stage in the flow process (`--no-ray`, so one process holds everything) over
 M and 10M clip samples; `--compare-default-heap` repeats it with glibc's default malloc settings
 instead of datagen's bounded native heap (datagen/native_heap.py), as the peer. Flat means the
