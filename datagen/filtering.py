@@ -154,10 +154,9 @@ def decide(index: pa.Table, criteria: FilterCriteria) -> Decision:
     return Decision(code)
 
 
-def drop_details(index: pa.Table, decision: Decision, criteria: FilterCriteria) -> pa.Array:
-    """Human-readable detail of each dropped row (e.g. 'csd_score=0.4213 <= 0.5'), vectorised."""
-    dropped = index.filter(pa.array(~decision.keep))
-    codes = decision.code[~decision.keep]
+def drop_details(dropped: pa.Table, codes: np.ndarray, criteria: FilterCriteria) -> pa.Array:
+    """Human-readable detail of each dropped index row (e.g. 'csd_score=0.4213 <= 0.5'), from
+    the rows and their REASONS codes, vectorised."""
     detail = pa.nulls(dropped.num_rows, pa.string())
     for column, threshold, prefix in (
         ("csd_score", criteria.csd, "csd"),
@@ -207,7 +206,7 @@ def check_paths(in_dir: Path, out_dir: Path, overwrite: bool) -> None:
 
 
 @dataclass
-class _Scan:
+class _Counts:
     """Counts of decisions: pass 1's make the result, pass 2's must equal them."""
 
     total: int = 0
@@ -258,7 +257,7 @@ def filter_dataset(
     if out_dir is not None:
         check_paths(in_dir, Path(out_dir), overwrite)
     dataset = Dataset(in_dir)
-    counted = _Scan()  # pass 1: the score columns only, no shard is opened
+    counted = _Counts()  # pass 1: the score columns only, no shard is opened
     for index in _index_batches(dataset, DECISION_COLUMNS, batch_rows):
         counted.add(decide(index, criteria))
     result = counted.result(criteria)
@@ -288,7 +287,7 @@ def filter_dataset(
             )
             for table in iter_rejects(in_dir, batch_rows=batch_rows):  # IN's rejects first
                 rejects.add_table(table)
-            copied = _Scan()
+            copied = _Counts()
             copy = _copy_pass(
                 dataset, criteria, min(batch_rows, COPY_BATCH_ROWS), write_dropped, copied
             )
@@ -373,7 +372,7 @@ def _copy_pass(
     criteria: FilterCriteria,
     batch_rows: int,
     write_dropped: bool,
-    counts: _Scan,
+    counts: _Counts,
 ) -> Iterator[_Piece]:
     """Pass 2: decide each index batch again, yield its rejects rows, and read the rows to copy
     (the kept ones, and the dropped ones with `write_dropped`) from their shards, one row group
@@ -439,7 +438,8 @@ def _read_rows(wanted: _RowGroupRows) -> _Piece:
     # Decoded in the calling (prefetch) thread only: that thread is the overlap with writing,
     # and Arrow's pool threads would each keep freed buffers of their own.
     table = wanted.file.read_row_group(wanted.group, use_threads=False)
-    if not np.array_equal(local, np.arange(table.num_rows)):  # every row, in order: no copy
+    # a copy only when the index leaves rows out or lists them in another order
+    if not np.array_equal(local, np.arange(table.num_rows)):
         table = table.take(pa.array(local))
     expected = pa.chunked_array(wanted.sample_id, pa.string())
     if not pc.all(pc.equal(table["sample_id"], expected)).as_py():
@@ -499,9 +499,10 @@ def _filter_rejects(
     """Rejects rows (stage 'filter') for every row the filter did not keep."""
     dropped = ~decision.keep
     rows = index.filter(pa.array(dropped))
+    codes = decision.code[dropped]
     n = rows.num_rows
     reasons = pa.DictionaryArray.from_arrays(
-        pa.array(decision.code[dropped].astype(np.int32)), pa.array(REASONS)
+        pa.array(codes.astype(np.int32)), pa.array(REASONS)
     ).cast(pa.string())
     table = pa.table(
         {
@@ -511,7 +512,7 @@ def _filter_rejects(
             "style_id": rows["style_id"],
             "stage": pa.array(["filter"] * n, pa.string()),
             "reason": reasons,
-            "detail": drop_details(index, decision, criteria),
+            "detail": drop_details(rows, codes, criteria),
             "created_at": pa.array([created_at] * n, pa.timestamp("us", tz="UTC")),
             "datagen_version": pa.array([__version__] * n, pa.string()),
         }
