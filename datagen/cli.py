@@ -254,105 +254,85 @@ def _load_flow(split: str):
     return getattr(module, f"build_{split}")
 
 
-@app.command("build")
-def build_command(
-    split: str = typer.Argument(..., metavar="ct|sft", help="Which tier to build."),
-    source: Path = typer.Option(..., "--source", help="Directory, video file or .txt list."),
-    out: Path = typer.Option(..., "--out", help="Output root; rows go to OUT/<split>."),
-    styles: list[str] = typer.Option(None, "--style", help="Style ids (repeat); default all."),
-    limit: int = typer.Option(None, "--limit", min=0, help="At most this many samples."),
-    clips_per_video: int = typer.Option(1, "--clips-per-video", min=1),
-    shard_size: int = typer.Option(8, "--shard-size", min=1),
-    profile: str = typer.Option("tiny", "--profile", help="tiny | production"),
-    seed: int = typer.Option(0, "--seed"),
-    k_refs: int = typer.Option(3, "--k", min=1, max=16, help="Style references per sample."),
-    csd_threshold: float = typer.Option(
-        0.5, "--csd", min=-1.0, max=1.0, help="CT keeps csd_score > this."
-    ),
-    vlm_judge: bool = typer.Option(False, "--vlm-judge", help="Run the VLM judge."),
-    caption_backend: str = typer.Option(
-        "transformers",
-        "--caption-backend",
-        help="Caption and judge VLM: transformers (in-process) | openai (a VLM server).",
-    ),
-    caption_base_url: str = typer.Option(
-        None, "--caption-base-url", help="openai: the server, e.g. http://127.0.0.1:8000/v1."
-    ),
-    caption_model: str = typer.Option(
-        None, "--caption-model", help="openai: the served model name."
-    ),
-    vlm_api_key_block: str = typer.Option(
-        None,
-        "--vlm-api-key-block",
-        help="openai: NAME of the Prefect Secret block holding the server's API key "
-        "(default: the key in $DATAGEN_VLM_API_KEY, if any).",
-    ),
-    stylize_backend: str = typer.Option(
-        "sdxl", "--stylize-backend", help="sft: sdxl (in-process) | http (an image-edit API)."
-    ),
-    stylize_url: str = typer.Option(None, "--stylize-url", help="http: the image-edit endpoint."),
-    stylize_api_key_block: str = typer.Option(
-        None,
-        "--stylize-api-key-block",
-        help="http: NAME of the Prefect Secret block holding the API key "
-        "(default: the key in $DATAGEN_IMAGE_EDIT_API_KEY, if any).",
-    ),
-    use_ray: bool = typer.Option(True, "--ray/--no-ray", help="Models in Ray actors."),
-) -> None:
+def _build_command(split: str, config: Path | None, use_ray: bool, **settings) -> None:
     """Run the build-ct or build-sft flow directly (a temporary local Prefect server when
     PREFECT_API_URL is not set), for users without a Prefect server.
 
-    A Secret block named here must exist on the Prefect server the flow uses; without
-    PREFECT_API_URL that is the local database in PREFECT_HOME (create the block with
-    `prefect block create secret` in the same environment).
+    Every setting of datagen/settings.py is an option named after it (--num-frames,
+    --flow-shift, ...); --config reads them from a run-config file (TOML, the same names),
+    and the options given win over it. A Secret block named here must exist on the Prefect
+    server the flow uses; without PREFECT_API_URL that is the local database in PREFECT_HOME
+    (create the block with `prefect block create secret` in the same environment).
     """
     if split not in ("ct", "sft"):
         _fail(f"split must be ct or sft, got {split!r}", code=2)
     from datagen.api_keys import ApiKeyUnavailableError
-    from datagen.pipeline import BuildConfig, BuildConfigError
+    from datagen.settings import BuildConfigError, build_config, split_problems
 
-    parameters = dict(
-        source=str(source),
-        out=str(out),
-        styles=styles or None,
-        limit=limit,
-        clips_per_video=clips_per_video,
-        shard_size=shard_size,
-        profile=profile,
-        seed=seed,
-        k_refs=k_refs,
-        vlm_judge=vlm_judge,
-        caption_backend=caption_backend,
-        caption_base_url=caption_base_url,
-        caption_model=caption_model,
-        vlm_api_key_block=vlm_api_key_block,
-    )
-    stylize = dict(
-        stylize_backend=stylize_backend,
-        stylize_url=stylize_url,
-        stylize_api_key_block=stylize_api_key_block,
-    )
-    if split == "ct":
-        parameters["csd_threshold"] = csd_threshold
-        if (stylize_backend, stylize_url, stylize_api_key_block) != ("sdxl", None, None):
-            _fail(
-                "--stylize-backend, --stylize-url and --stylize-api-key-block are for sft "
-                "builds; the ct tier stylizes with SDXL",
-                code=2,
-            )
-    else:
-        parameters |= stylize
+    given = {name: value for name, value in settings.items() if value is not None}
+    other_tier = split_problems(split, given)
+    if other_tier:
+        _fail("; ".join(other_tier), code=2)
+    parameters = given | ({"config": str(config)} if config else {})
     try:
-        # Checked here too, so bad parameters fail at once, before a temporary Prefect server
+        # Checked here too, so bad settings fail at once, before a temporary Prefect server
         # starts (the flow checks them again: deployments do not come through here).
-        BuildConfig(split=split, **(parameters | {"styles": tuple(styles or ())}))
-        summary = _load_flow(split)(**parameters, use_ray=use_ray)
+        build_config(split, given, config)
+        summary = _load_flow(split)(**_flow_values(parameters), use_ray=use_ray)
     except (BuildConfigError, ApiKeyUnavailableError) as error:
         _fail(str(error))
     say(
         f"{summary['written']} pairs written to {summary['out']} "
         f"({summary['rejected']} rejected, {summary['filtered']} filtered out)"
     )
+
+
+def _flow_values(parameters: dict) -> dict:
+    """Flow parameters travel as JSON: paths as strings."""
+    return {k: str(v) if isinstance(v, Path) else v for k, v in parameters.items()}
+
+
+def _build_signature():
+    """`datagen build`'s parameters: the split, --config, --ray/--no-ray and one option per
+    setting of either tier (datagen/settings.py; the other tier's are refused by name)."""
+    import inspect
+
+    from datagen.settings import BuildConfig, cli_options
+
+    fixed = [
+        inspect.Parameter(
+            "split",
+            inspect.Parameter.POSITIONAL_OR_KEYWORD,
+            default=typer.Argument(..., metavar="ct|sft", help="Which tier to build."),
+            annotation=str,
+        ),
+        inspect.Parameter(
+            "config",
+            inspect.Parameter.KEYWORD_ONLY,
+            default=typer.Option(
+                None, "--config", help="Run-config file (TOML) of settings; options win."
+            ),
+            annotation=Path | None,
+        ),
+        inspect.Parameter(
+            "use_ray",
+            inspect.Parameter.KEYWORD_ONLY,
+            default=typer.Option(True, "--ray/--no-ray", help="Models in Ray actors."),
+            annotation=bool,
+        ),
+    ]
+    options = [
+        inspect.Parameter(name, inspect.Parameter.KEYWORD_ONLY, default=option, annotation=kind)
+        for name, kind, option in cli_options(BuildConfig)
+    ]
+    return inspect.Signature(fixed + options)
+
+
+_build_command.__signature__ = _build_signature()
+_build_command.__annotations__ = {
+    p.name: p.annotation for p in _build_command.__signature__.parameters.values()
+}
+app.command("build")(_build_command)
 
 
 models_app = typer.Typer(

@@ -11,9 +11,8 @@ step skips what is already done; rerunning the whole build skips committed and r
 
 from __future__ import annotations
 
-import hashlib
 import json
-import os
+import re
 from collections import Counter
 from collections.abc import Callable, Iterable, Iterator
 from dataclasses import asdict, dataclass, field
@@ -23,8 +22,14 @@ from typing import Any, Protocol
 import numpy as np
 
 from datagen import __version__
-from datagen.api_keys import check_key_source, resolve_api_key
+from datagen.api_keys import resolve_api_key
 from datagen.plan import ClipSettings, PlannedSample, plan_samples, ref_frame_indices, shards_of
+from datagen.settings import (  # noqa: F401  (BuildConfig and its error are the build's API)
+    PROFILE_DEFAULTS,
+    BuildConfig,
+    BuildConfigError,
+    vlm_server,
+)
 from datagen.stage import Reject, Stage
 from datagen.store import (
     Dataset,
@@ -42,241 +47,6 @@ from datagen.video import ClipSpec, VideoError, encode_mp4, read_clip
 from datagen.workdir import ShardWork
 
 STAGES = ("control", "stylize", "animate", "caption", "score", "judge")
-CAPTION_BACKENDS = ("transformers", "openai")  # datagen/vlm.py
-STYLIZE_BACKENDS = ("sdxl", "http")  # datagen/stylize.py
-DEFAULT_ANIMATE_PROMPT = (
-    "a high quality video with smooth, natural motion, consistent subjects and stable details"
-)
-# What the embedded `tiny` profile runs at: random-weight twins, seconds per sample on a CPU.
-PROFILE_DEFAULTS = {
-    "tiny": {
-        "num_frames": 9,
-        "height": 64,
-        "width": 64,
-        "fps": 8.0,
-        "stylize_steps": 2,
-        "animate_steps": 2,
-        "stylize_resolution": 64,
-        "caption_max_new_tokens": 24,
-        # the VLM sees the 64x64 frames at most doubled, not upscaled to production's size
-        "vlm_max_pixels": 112 * 112,
-    },
-    "production": {
-        "num_frames": 81,
-        "height": 480,
-        "width": 832,
-        "fps": 16.0,
-        "stylize_steps": 30,
-        "animate_steps": 50,
-        "stylize_resolution": 1024,
-        "caption_max_new_tokens": 160,
-        "vlm_max_pixels": 448 * 448,
-    },
-}
-
-
-class BuildConfigError(ValueError):
-    """Bad build parameters: raised before any work starts."""
-
-
-@dataclass(frozen=True)
-class BuildConfig:
-    """Every parameter of a build run, validated up front."""
-
-    source: str
-    out: str
-    split: str = "ct"
-    styles: tuple[str, ...] = ()
-    limit: int | None = None
-    clips_per_video: int = 1
-    shard_size: int = 8
-    profile: str = "tiny"
-    tiny_dir: str | None = None
-    seed: int = 0
-    k_refs: int = 3
-    control_kind: str = "depth"
-    csd_threshold: float = 0.5
-    vlm_judge: bool = False
-    require_vlm_pass: bool = False
-    num_frames: int | None = None
-    height: int | None = None
-    width: int | None = None
-    fps: float | None = None
-    stylize_steps: int | None = None
-    animate_steps: int | None = None
-    batch_size: int = 2
-    crf: int = 18
-    animate_prompt: str = DEFAULT_ANIMATE_PROMPT
-    caption_backend: str = "transformers"
-    caption_base_url: str | None = None
-    caption_model: str | None = None
-    stylize_backend: str = "sdxl"
-    stylize_url: str | None = None
-    # Prefect Secret blocks holding API keys, by NAME (never the key): the VLM server's for
-    # caption and judge (caption_backend "openai"), the image-edit service's (stylize_backend
-    # "http"). The stage that sends the requests reads its block when it loads.
-    vlm_api_key_block: str | None = None
-    stylize_api_key_block: str | None = None
-    stage_timeout_s: float = 3600.0  # a stage call slower than this is hung: its samples reject
-    shards_in_flight: int = 2  # shards between plan and write at once (bounds memory)
-
-    def __post_init__(self) -> None:
-        problems = []
-        if self.split not in ("ct", "sft"):
-            problems.append(f"split must be 'ct' or 'sft', got {self.split!r}")
-        if self.profile not in PROFILE_DEFAULTS:
-            problems.append(
-                f"profile must be one of {sorted(PROFILE_DEFAULTS)}, got {self.profile!r}"
-            )
-        if not Path(self.source).exists():
-            problems.append(f"source {self.source} does not exist")
-        if self.limit is not None and self.limit < 0:
-            problems.append(f"limit must be >= 0, got {self.limit}")
-        for name in ("clips_per_video", "shard_size", "batch_size", "shards_in_flight"):
-            if getattr(self, name) < 1:
-                problems.append(f"{name} must be >= 1, got {getattr(self, name)}")
-        if not 1 <= self.k_refs <= 16:  # a pair carries K >= 1 style references
-            problems.append(f"k_refs must be in [1, 16], got {self.k_refs}")
-        if not -1.0 <= self.csd_threshold <= 1.0:
-            problems.append(f"csd_threshold must be in [-1, 1], got {self.csd_threshold}")
-        if self.require_vlm_pass and not self.vlm_judge:
-            problems.append("require_vlm_pass needs vlm_judge")
-        if not self.stage_timeout_s > 0:
-            problems.append(f"stage_timeout_s must be > 0, got {self.stage_timeout_s}")
-        if not 0 <= self.crf <= 51:
-            problems.append(f"crf must be in [0, 51], got {self.crf}")
-        problems += self._backend_problems()
-        if self.profile in PROFILE_DEFAULTS:
-            settings = self.clip_settings()
-            if (settings.num_frames - 1) % 4:
-                problems.append(
-                    f"num_frames must be 4k+1 for the animate model, got {settings.num_frames}"
-                )
-            if settings.height % 16 or settings.width % 16:
-                problems.append("height and width must be multiples of 16")
-        try:
-            load_style_library().select(list(self.styles))
-        except ValueError as error:
-            problems.append(str(error))
-        problems += _check_writable(Path(self.out))
-        if problems:
-            raise BuildConfigError("invalid build parameters: " + "; ".join(problems))
-
-    def _backend_problems(self) -> list[str]:
-        """The caption and stylize backends with their URLs and key blocks. A setting for a
-        backend this build does not use is refused rather than silently ignored."""
-        problems = []
-        for field_name in ("vlm_api_key_block", "stylize_api_key_block"):
-            try:  # its messages never echo the value: a key pasted here stays out of logs
-                check_key_source(None, getattr(self, field_name), block_field=field_name)
-            except ValueError as error:
-                problems.append(str(error))
-        if self.caption_backend not in CAPTION_BACKENDS:
-            problems.append(
-                f"caption_backend must be one of {CAPTION_BACKENDS}, got {self.caption_backend!r}"
-            )
-        elif self.caption_backend == "openai":
-            from datagen.vlm import VLMConfig
-
-            try:  # the stage's own checks of the server URL and model name
-                VLMConfig(**_vlm_server(self), api_key_env=None)
-            except ValueError as error:
-                problems.append(f"caption: {error}")
-        else:
-            problems += _unused(
-                self,
-                "caption_backend",
-                "'openai' (a VLM server)",
-                ("caption_base_url", "caption_model", "vlm_api_key_block"),
-            )
-        if self.stylize_backend not in STYLIZE_BACKENDS:
-            problems.append(
-                f"stylize_backend must be one of {STYLIZE_BACKENDS}, got {self.stylize_backend!r}"
-            )
-        elif self.stylize_backend == "http":
-            from datagen.stylize import StylizeConfig
-
-            if self.stylize_url is None:
-                problems.append("stylize_backend 'http' needs stylize_url (the image-edit API)")
-            else:
-                try:  # the stage's own checks of the URL
-                    StylizeConfig(backend="http", url=self.stylize_url, api_key_env=None)
-                except ValueError as error:
-                    problems.append(f"stylize_url: {error}".replace("StylizeConfig: ", ""))
-        else:
-            problems += _unused(
-                self,
-                "stylize_backend",
-                "'http' (an image-edit API)",
-                ("stylize_url", "stylize_api_key_block"),
-            )
-        return problems
-
-    def key_blocks(self) -> dict[str, str]:
-        """stage -> the Prefect Secret block it reads its API key from, for this run's stages
-        that read one."""
-        blocks = {}
-        if self.vlm_api_key_block is not None:
-            blocks["caption"] = self.vlm_api_key_block
-            if self.vlm_judge:
-                blocks["judge"] = self.vlm_api_key_block
-        if self.stylize_api_key_block is not None:
-            blocks["stylize"] = self.stylize_api_key_block
-        return blocks
-
-    def default(self, name: str) -> Any:
-        value = getattr(self, name)
-        return PROFILE_DEFAULTS[self.profile][name] if value is None else value
-
-    def clip_settings(self) -> ClipSettings:
-        return ClipSettings(
-            self.default("num_frames"),
-            self.default("height"),
-            self.default("width"),
-            float(self.default("fps")),
-        )
-
-    @property
-    def dataset_dir(self) -> Path:
-        return Path(self.out) / self.split
-
-    @property
-    def work_root(self) -> Path:
-        """Work files of this exact build (same parameters -> same folder -> resume).
-
-        Fields that cannot change the output (WORK_KEY_EXCLUDED) stay out of the key, so a
-        build resumes whichever block holds its key, and work folders of builds interrupted
-        before those fields existed keep their names.
-        """
-        fields = {k: v for k, v in asdict(self).items() if k not in WORK_KEY_EXCLUDED}
-        key = hashlib.sha256(json.dumps(fields, sort_keys=True).encode()).hexdigest()
-        return Path(self.out) / "_work" / f"{self.split}-{key[:12]}"
-
-
-# BuildConfig fields that do not change a build's output, left out of its work_root key.
-# (stage_timeout_s and shards_in_flight do not either, but they were in the key before this
-# set existed; leaving them out now would orphan the work of interrupted builds.)
-WORK_KEY_EXCLUDED = frozenset({"vlm_api_key_block", "stylize_api_key_block"})
-
-
-def _unused(config: BuildConfig, backend: str, used_with: str, names: tuple[str, ...]) -> list:
-    """A problem per setting in `names` that is set although `backend` is not `used_with`."""
-    return [
-        f"{name} is only used with {backend} {used_with}, and {backend} is "
-        f"{getattr(config, backend)!r}"
-        for name in names
-        if getattr(config, name) is not None
-    ]
-
-
-def _vlm_server(config: BuildConfig) -> dict[str, Any]:
-    """The openai-backend settings of caption and judge (VLMConfig's defaults where unset)."""
-    server: dict[str, Any] = {"backend": "openai"}
-    if config.caption_base_url is not None:
-        server["base_url"] = config.caption_base_url
-    if config.caption_model is not None:
-        server["model"] = config.caption_model
-    return server
 
 
 def check_key_blocks(config: BuildConfig) -> None:
@@ -289,17 +59,6 @@ def check_key_blocks(config: BuildConfig) -> None:
         needs.setdefault(block, []).append(stage)
     for block, stages in needs.items():
         resolve_api_key(None, block, " and ".join(stages))
-
-
-def _check_writable(out: Path) -> list[str]:
-    existing = out
-    while not existing.exists():
-        existing = existing.parent
-    if not existing.is_dir():
-        return [f"out {out}: {existing} is not a directory"]
-    if not os.access(existing, os.W_OK | os.X_OK):
-        return [f"out {out}: {existing} is not writable"]
-    return []
 
 
 # --- stage runners -------------------------------------------------------------------------
@@ -342,75 +101,116 @@ def stage_factories(config: BuildConfig) -> dict[str, Callable[[], Stage]]:
     }
 
 
+def stage_config(name: str, c: BuildConfig) -> Any:
+    """The config of stage `name` for this build (each validates itself on construction,
+    raising ValueError): the build's settings for that stage, the stage's defaults for the
+    rest (see BuildConfig.stage_settings)."""
+    tiny = c.tiny_dir
+    settings = c.stage_settings(name)
+    if name == "control":
+        from datagen.control import ControlConfig
+
+        return ControlConfig(kind=c.control_kind, profile=c.profile, tiny_dir=tiny, **settings)
+    if name == "stylize":
+        from datagen.stylize import StylizeConfig
+
+        return StylizeConfig(
+            backend=c.stylize_backend,
+            profile=c.profile,
+            tiny_dir=tiny,
+            num_style_refs=c.k_refs,
+            steps=c.default("stylize_steps"),
+            resolution=c.default("stylize_resolution"),
+            url=c.stylize_url,
+            api_key_block=c.stylize_api_key_block,
+            **settings,
+        )
+    if name == "animate":
+        from datagen.animate import AnimateConfig
+
+        clip = c.clip_settings()
+        return AnimateConfig(
+            profile=c.profile,
+            tiny_dir=tiny,
+            num_frames=clip.num_frames,
+            height=clip.height,
+            width=clip.width,
+            steps=c.default("animate_steps"),
+            **settings,
+        )
+    if name in ("caption", "judge"):
+        backend: dict[str, Any] = {
+            "backend": c.caption_backend,
+            "profile": c.profile,
+            "tiny_dir": tiny,
+            "max_pixels": c.default("vlm_max_pixels"),
+            **settings,
+        }
+        if c.caption_backend == "openai":
+            backend |= vlm_server(c) | {"api_key_block": c.vlm_api_key_block}
+        if name == "caption":
+            from datagen.caption import CaptionConfig
+
+            return CaptionConfig(
+                **backend,
+                max_new_tokens=c.default("caption_max_new_tokens"),
+                # random-weight twins never end a sentence (see CaptionConfig)
+                accept_truncated=c.profile == "tiny",
+            )
+        from datagen.judge import JudgeConfig
+
+        return JudgeConfig(**backend)
+    if name == "score":
+        from datagen.score import ScoreConfig
+
+        return ScoreConfig(profile=c.profile, tiny_dir=tiny, **settings)
+    raise KeyError(f"unknown stage {name!r}; known: {STAGES}")
+
+
+def stage_config_problems(config: BuildConfig) -> list[str]:
+    """Each stage's own complaint about the settings it takes (a bad scale, say)."""
+    problems = []
+    for name in stage_factories(config):
+        try:
+            stage_config(name, config)
+        except ValueError as error:
+            message = re.sub(r"^\w+Config: ", "", str(error))
+            for setting, field in config.setting_names(name).items():  # the user's names
+                message = re.sub(rf"\b{field}\b", setting, message)
+            problems.append(f"{name}: {message}")
+    return problems
+
+
 @dataclass(frozen=True)
 class _StageFactory:
     name: str
     config: BuildConfig
 
     def __call__(self) -> Stage:
-        c = self.config
-        tiny = c.tiny_dir
+        config = stage_config(self.name, self.config)
         if self.name == "control":
-            from datagen.control import ControlConfig, ControlStage
+            from datagen.control import ControlStage
 
-            return ControlStage(
-                ControlConfig(kind=c.control_kind, profile=c.profile, tiny_dir=tiny)
-            )
+            return ControlStage(config)
         if self.name == "stylize":
-            from datagen.stylize import StylizeConfig, StylizeStage
+            from datagen.stylize import StylizeStage
 
-            return StylizeStage(
-                StylizeConfig(
-                    backend=c.stylize_backend,
-                    profile=c.profile,
-                    tiny_dir=tiny,
-                    num_style_refs=c.k_refs,
-                    steps=c.default("stylize_steps"),
-                    resolution=PROFILE_DEFAULTS[c.profile]["stylize_resolution"],
-                    url=c.stylize_url,
-                    api_key_block=c.stylize_api_key_block,
-                )
-            )
+            return StylizeStage(config)
         if self.name == "animate":
-            from datagen.animate import AnimateConfig, AnimateStage
+            from datagen.animate import AnimateStage
 
-            settings = c.clip_settings()
-            return AnimateStage(
-                AnimateConfig(
-                    profile=c.profile,
-                    tiny_dir=tiny,
-                    num_frames=settings.num_frames,
-                    height=settings.height,
-                    width=settings.width,
-                    steps=c.default("animate_steps"),
-                )
-            )
-        if self.name in ("caption", "judge"):
-            backend: dict[str, Any] = {
-                "backend": c.caption_backend,
-                "profile": c.profile,
-                "tiny_dir": tiny,
-                "max_pixels": PROFILE_DEFAULTS[c.profile]["vlm_max_pixels"],
-            }
-            if c.caption_backend == "openai":
-                backend |= _vlm_server(c) | {"api_key_block": c.vlm_api_key_block}
-            if self.name == "caption":
-                from datagen.caption import CaptionConfig, CaptionStage
+            return AnimateStage(config)
+        if self.name == "caption":
+            from datagen.caption import CaptionStage
 
-                return CaptionStage(
-                    CaptionConfig(
-                        **backend,
-                        max_new_tokens=PROFILE_DEFAULTS[c.profile]["caption_max_new_tokens"],
-                        # random-weight twins never end a sentence (see CaptionConfig)
-                        accept_truncated=c.profile == "tiny",
-                    )
-                )
-            from datagen.judge import JudgeConfig, JudgeStage
+            return CaptionStage(config)
+        if self.name == "judge":
+            from datagen.judge import JudgeStage
 
-            return JudgeStage(JudgeConfig(**backend))
-        from datagen.score import ScoreConfig, ScoreStage
+            return JudgeStage(config)
+        from datagen.score import ScoreStage
 
-        return ScoreStage(ScoreConfig(profile=c.profile, tiny_dir=tiny))
+        return ScoreStage(config)
 
 
 # --- plan ----------------------------------------------------------------------------------

@@ -189,7 +189,8 @@ def test_build_backend_and_key_block_options_reach_the_flow(monkeypatch, tmp_pat
         (["sft", "--stylize-backend", "http"], 1, "needs stylize_url"),
         (["ct", "--caption-backend", "openai", "--vlm-api-key-block", "sk-live-123"], 1, "looks"),
         (["ct", "--stylize-backend", "http", "--stylize-url", "http://h/e"], 2, "for sft builds"),
-        (["ct", "--profile", "huge"], 1, "profile must be one of"),
+        (["ct", "--num-frames", "10"], 1, "num_frames must be 4k+1"),
+        (["ct", "--controlnet-scale", "-1"], 1, "stylize: controlnet_scale must be"),
     ],
 )
 def test_build_refuses_bad_combinations_before_starting_anything(
@@ -205,6 +206,20 @@ def test_build_refuses_bad_combinations_before_starting_anything(
     assert message in result.output and result.output.startswith("error: ")
     assert "sk-live-123" not in result.output
     assert calls == [] and not (tmp_path / "out").exists()
+
+
+def test_build_options_with_choices_are_checked_by_the_command_line(monkeypatch, tmp_path):
+    calls = recording_flow(monkeypatch)
+    (tmp_path / "clips").mkdir()
+    paths = ["--source", tmp_path / "clips", "--out", tmp_path / "out"]
+    for option, value, choices in [
+        ("--profile", "huge", "'tiny', 'production'"),
+        ("--instantstyle-blocks", "all", "'style_layout', 'style'"),
+    ]:
+        result = invoke("build", "ct", *paths, option, value)
+        words = " ".join(result.output.replace("│", " ").split())  # the error box wraps
+        assert result.exit_code == 2 and f"'{value}' is not one of {choices}" in words
+    assert calls == []
 
 
 def test_build_reports_an_unreadable_key_block_in_one_line(monkeypatch, tmp_path):

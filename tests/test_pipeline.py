@@ -204,12 +204,18 @@ def test_stage_configs_name_the_key_blocks(sources, tmp_path):
 
 
 def test_work_dir_key_is_unchanged_and_ignores_where_keys_come_from(monkeypatch, tmp_path):
-    # Pinned from the key of the code before the key-block fields existed: the work folders
-    # of builds interrupted then must keep their names, or a rerun would redo their work.
+    # Pinned: a key that changes by accident orphans the work of interrupted builds. It
+    # changes on purpose with the recipe (settings.RECIPE 2: VACE flow shift, InstantStyle
+    # blocks and depth normalisation changed what a build makes, so recipe-1 work folders,
+    # ct-acb476794687 for these settings, must not be resumed).
     monkeypatch.chdir(tmp_path)
     (tmp_path / "clips").mkdir()
     default = BuildConfig(source="clips", out="out")
-    assert default.work_root.as_posix() == "out/_work/ct-acb476794687"
+    assert default.work_root.as_posix() == "out/_work/ct-6fdb3d996e55"
+    monkeypatch.setattr("datagen.settings.RECIPE", 1)
+    assert default.work_root.as_posix() != "out/_work/ct-6fdb3d996e55"
+    monkeypatch.undo()
+    monkeypatch.chdir(tmp_path)
     servers = BuildConfig(
         source="clips",
         out="out",
@@ -220,7 +226,7 @@ def test_work_dir_key_is_unchanged_and_ignores_where_keys_come_from(monkeypatch,
         stylize_backend="http",
         stylize_url="http://127.0.0.1:9/edit",
     )
-    assert servers.work_root.as_posix() == "out/_work/sft-65b0dda4bf8e"
+    assert servers.work_root.as_posix() == "out/_work/sft-d006ea514db1"
     with_blocks = dataclasses.replace(
         servers, vlm_api_key_block="vlm-key", stylize_api_key_block="edit-key"
     )
