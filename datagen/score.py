@@ -13,7 +13,8 @@ Definitions (recorded with every row, see schemas/ct_row.v1.json):
 - **dino_score**: the mean, over the same sampled frame indices, of the cosine similarity
   between the DINOv2 CLS embeddings (`pooler_output`: the layer-normed CLS token) of the raw
   frame and of the stylized frame at the same index. It measures whether the stylized video
-  kept the raw video's structure.
+  kept the raw video's structure. DINOv2 sees the whole frame, resized onto its 14-pixel patch
+  grid at about the processor's 224x224 pixel count (`dinov2_input_size`), not centre-cropped.
 
 Both lie in [-1, 1]. The CSD checkpoint is recorded by the sha256 of its file: the CSD
 repository's issue #14 says the released weights do not reproduce the paper's numbers, so a
@@ -141,15 +142,52 @@ def file_sha256(path: str | os.PathLike) -> str:
     return "sha256:" + digest.hexdigest()
 
 
+def csd_checkpoint_globals() -> list[Any]:
+    """The pickle globals, beyond torch's own, that a released CSD checkpoint needs, and no more.
+
+    learn2phoenix/CSD CSD/train_csd.py:421-432 saves `{'model_state_dict': ..., 'args': args}`
+    with the training `argparse.Namespace`, and the released `tomg-group-umd/CSD-ViT-L`
+    `pytorch_model.bin` holds numpy scalars in those args (its Hub file page lists
+    `numpy.core.multiarray.scalar`, `numpy.dtype`, `_codecs.encode`). A numpy scalar pickles as
+    `scalar(dtype, bytes)`: the reconstructor is named by the numpy that SAVED the file
+    (`numpy.core.multiarray.scalar` by numpy 1.x, `numpy._core.multiarray.scalar` by numpy 2),
+    so the one function is registered under both names, the (object, name) form of
+    torch.serialization.add_safe_globals. A pickled dtype class (`numpy.dtypes.Float64DType`,
+    numpy >= 1.25) may appear too. `_codecs.encode` (the scalar's bytes) is in torch's own
+    allowlist already; it is listed so this set does not depend on that.
+    """
+    import _codecs
+    import argparse
+
+    try:  # numpy >= 2 (and numpy 1.26's forward-compatibility alias)
+        from numpy._core.multiarray import scalar
+    except ImportError:  # pragma: no cover - older numpy
+        from numpy.core.multiarray import scalar
+
+    allowed: list[Any] = [
+        argparse.Namespace,
+        np.dtype,
+        _codecs.encode,
+        (scalar, "numpy.core.multiarray.scalar"),
+        (scalar, "numpy._core.multiarray.scalar"),
+    ]
+    dtypes = getattr(np, "dtypes", None)  # numpy >= 1.25
+    for name in getattr(dtypes, "__all__", ()):
+        cls = getattr(dtypes, name)
+        if isinstance(cls, type) and issubclass(cls, np.dtype) and cls not in allowed:
+            allowed.append(cls)  # registered as numpy.dtypes.<qualname>, as they pickle
+    return allowed
+
+
 def read_csd_checkpoint(path: str | os.PathLike) -> tuple[dict[str, Any], Any]:
     """(state dict without `module.` prefixes, args or None) of a CSD checkpoint file.
 
-    Loads with `weights_only=True` (only tensors, containers and primitives, plus
-    argparse.Namespace for the training `args`): a pickle that needs any other object is
-    refused, never executed. Accepts the training-checkpoint dict (`model_state_dict` + `args`,
-    as released) or a bare state dict with the same keys.
+    Loads with `weights_only=True`: tensors, containers and primitives, plus exactly the
+    globals of `csd_checkpoint_globals` (the training `args`: argparse.Namespace holding numpy
+    scalars and dtypes). A pickle that needs any other global is refused, never executed, with a
+    CheckpointError naming the globals. Accepts the training-checkpoint dict (`model_state_dict`
+    + `args`, as released) or a bare state dict with the same keys.
     """
-    import argparse
     import pickle
 
     import torch
@@ -157,20 +195,21 @@ def read_csd_checkpoint(path: str | os.PathLike) -> tuple[dict[str, Any], Any]:
     path = Path(path)
     if not path.is_file():
         raise CheckpointError(f"CSD checkpoint {path} does not exist")
-    try:
-        with torch.serialization.safe_globals([argparse.Namespace]):
+    with torch.serialization.safe_globals(csd_checkpoint_globals()):
+        try:
             checkpoint = torch.load(path, map_location="cpu", weights_only=True)
-    except pickle.UnpicklingError as error:
-        first = str(error).strip().splitlines()[-1] if str(error).strip() else ""
-        raise CheckpointError(
-            f"CSD checkpoint {path} was refused by torch.load(weights_only=True): it holds "
-            f"objects other than tensors and argparse.Namespace ({first})"
-        ) from None
-    except Exception as error:  # corrupt zip, truncated file, not a torch file at all
-        raise CheckpointError(
-            f"CSD checkpoint {path} is not a readable torch file: {error.__class__.__name__}: "
-            f"{error}"
-        ) from None
+        except pickle.UnpicklingError as error:
+            raise CheckpointError(
+                f"CSD checkpoint {path} was refused by torch.load(weights_only=True) and not "
+                f"unpickled: it needs {_refused_globals(path, error)}, beyond tensors and the "
+                "training args a CSD checkpoint holds (argparse.Namespace, numpy scalars and "
+                "dtypes)"
+            ) from None
+        except Exception as error:  # corrupt zip, truncated file, not a torch file at all
+            raise CheckpointError(
+                f"CSD checkpoint {path} is not a readable torch file: "
+                f"{error.__class__.__name__}: {error}"
+            ) from None
     if not isinstance(checkpoint, Mapping):
         raise CheckpointError(
             f"CSD checkpoint {path} holds a {type(checkpoint).__name__}, expected a dict with "
@@ -196,6 +235,23 @@ def read_csd_checkpoint(path: str | os.PathLike) -> tuple[dict[str, Any], Any]:
     return state, args
 
 
+def _refused_globals(path: Path, error: Exception) -> str:
+    """The globals a refused checkpoint names beyond the allowed ones (read statically)."""
+    import torch
+
+    try:  # a static scan of the pickle's GLOBAL opcodes: nothing is executed
+        names = sorted(torch.serialization.get_unsafe_globals_in_checkpoint(path))
+    except Exception:  # pragma: no cover - legacy (non-zip) files; the message still names it
+        names = []
+    if not names:
+        named = re.search(r"GLOBAL (\S+)", str(error))
+        names = [named.group(1)] if named else []
+    if names:
+        return "the pickle global(s) " + ", ".join(names)
+    lines = str(error).strip().splitlines()
+    return f"an object torch refuses ({lines[-1] if lines else error.__class__.__name__})"
+
+
 def infer_csd_arch(state: Mapping[str, Any], args: Any = None) -> CSDArch:
     """The vision-tower geometry of a CSD state dict (ViT-L/14: 224, 14, 1024, 24, 16, 4096, 768).
 
@@ -213,10 +269,12 @@ def infer_csd_arch(state: Mapping[str, Any], args: Any = None) -> CSDArch:
         )
     layers = 1 + max(int(m.group(1)) for k in state if (m := _BLOCK.match(k)))
     heads = getattr(args, "vision_heads", None) or width // 64
-    if isinstance(heads, bool) or not isinstance(heads, int):
+    # The training args may hold numpy integers (see csd_checkpoint_globals).
+    if isinstance(heads, bool) or not isinstance(heads, int | np.integer):
         raise CheckpointError(
             f"CSD checkpoint: args.vision_heads must be an integer, got {heads!r}"
         )
+    heads = int(heads)
     style = state["last_layer_style"]
     if style.ndim != 2 or style.shape[0] != width:
         raise CheckpointError(
@@ -289,7 +347,13 @@ def load_csd(path: str | os.PathLike, device: str = "cpu") -> torch.nn.Module:
 
 
 def csd_preprocess(image_size: int = 224):
-    """CSD's evaluation transform: Resize(short side, bicubic), CenterCrop, CLIP mean/std."""
+    """CSD's evaluation transform: Resize(short side, bicubic), CenterCrop, CLIP mean/std.
+
+    Kept as published, centre crop included (unlike the DINOv2 input, which sees the whole
+    frame): learn2phoenix/CSD CSD/loss_utils.py:52-61 `transforms_branch0` (size 224, CLIP
+    normalisation), which main_sim.py:207,218,254 uses to embed CSD's query and database
+    images; the released weights were evaluated on that view.
+    """
     from torchvision import transforms
 
     return transforms.Compose(
@@ -340,25 +404,66 @@ def load_dinov2(
     return model, processor
 
 
+def dinov2_input_size(height: int, width: int, patch_size: int, pixels: int) -> tuple[int, int]:
+    """(H, W) a frame is resized to for DINOv2: the whole frame, no crop, on the patch grid.
+
+    Each side is a multiple of `patch_size` and the aspect ratio is kept to within rounding to
+    whole patches, with about `pixels` pixels in all (the processor's 224x224 crop: 256 patches
+    of 14 pixels, the resolution DINOv2 was mostly trained at, so scoring costs what it did
+    with the crop). A square frame gets exactly 224x224; an 832x480 frame gets 294x168
+    (21x12 = 252 patches), where the processor's resize to 256 + centre crop 224 kept only the
+    middle 51% of its width.
+    """
+    patches = max(1, pixels // (patch_size * patch_size))
+    aspect = width / height
+    # Rows for the budget, then the columns that keep the aspect best for that row count (a
+    # frame too narrow for one patch row or column is stretched to it, within the budget).
+    rows = min(patches, max(1, round(math.sqrt(patches / aspect))))
+    cols = min(math.ceil(patches / rows), max(1, round(rows * aspect)))
+    return rows * patch_size, cols * patch_size
+
+
+def _dinov2_pixels(processor: Any, image: np.ndarray, size: tuple[int, int]) -> np.ndarray:
+    """(3, H, W) float32: `image` resized to `size` with the processor's resampling (bicubic
+    for dinov2-base), rescaled and normalised with the processor's mean and std."""
+    from PIL import Image
+
+    resample = Image.Resampling(int(getattr(processor, "resample", Image.Resampling.BICUBIC)))
+    resized = np.asarray(Image.fromarray(image).resize((size[1], size[0]), resample))
+    pixels = resized.astype(np.float32) * np.float32(processor.rescale_factor)
+    mean = np.asarray(processor.image_mean, dtype=np.float32)
+    std = np.asarray(processor.image_std, dtype=np.float32)
+    return ((pixels - mean) / std).transpose(2, 0, 1)
+
+
 def dinov2_cls_embeddings(
     model: Any, processor: Any, images: Sequence[np.ndarray], batch_size: int = 32
 ) -> torch.Tensor:
-    """(N, hidden) DINOv2 CLS embeddings (`pooler_output`) of uint8 (H, W, 3) images, fp32 CPU."""
+    """(N, hidden) DINOv2 CLS embeddings (`pooler_output`) of uint8 (H, W, 3) images, fp32 CPU.
+
+    Each image is seen whole: resized to `dinov2_input_size` (about the processor's crop area,
+    on the patch grid; Dinov2Model interpolates its position embeddings to any grid), never
+    centre-cropped, so a change anywhere in the frame can move the score. Images of the same
+    input size share forward passes.
+    """
     import torch
 
-    outputs = []
+    crop = processor.crop_size
+    pixels = crop["height"] * crop["width"]
+    patch = model.config.patch_size
+    groups: dict[tuple[int, int], list[int]] = {}
+    for index, image in enumerate(images):
+        size = dinov2_input_size(image.shape[0], image.shape[1], patch, pixels)
+        groups.setdefault(size, []).append(index)
+    outputs = torch.empty(len(images), model.config.hidden_size)
     with torch.inference_mode():
-        for start in range(0, len(images), batch_size):
-            inputs = processor(
-                images=list(images[start : start + batch_size]),
-                return_tensors="pt",
-                input_data_format="channels_last",
-            )
-            pixels = inputs["pixel_values"].to(device=model.device, dtype=model.dtype)
-            outputs.append(model(pixel_values=pixels).pooler_output.float().cpu())
-    if not outputs:
-        return torch.empty(0, model.config.hidden_size)
-    return torch.cat(outputs)
+        for size, indices in groups.items():
+            for start in range(0, len(indices), batch_size):
+                chunk = indices[start : start + batch_size]
+                batch = np.stack([_dinov2_pixels(processor, images[i], size) for i in chunk])
+                tensor = torch.from_numpy(batch).to(device=model.device, dtype=model.dtype)
+                outputs[chunk] = model(pixel_values=tensor).pooler_output.float().cpu()
+    return outputs
 
 
 # --- the stage -------------------------------------------------------------------------------

@@ -4,7 +4,9 @@ from __future__ import annotations
 
 import argparse
 import hashlib
+import os
 import pathlib
+import pickle
 import shutil
 
 import numpy as np
@@ -28,15 +30,24 @@ from datagen.score import (
     ScoreInput,
     ScoreOutput,
     ScoreStage,
+    csd_checkpoint_globals,
     csd_style_embeddings,
     dino_score,
     dinov2_cls_embeddings,
+    dinov2_input_size,
     load_csd,
     load_dinov2,
     sample_frame_indices,
 )
 from datagen.stage import Reject
-from datagen.twins.csd import CHECKPOINT_FILE, TWIN_ARCH, build_csd
+from datagen.twins.csd import (
+    CHECKPOINT_FILE,
+    TWIN_ARCH,
+    build_csd,
+    rename_globals,
+    save_as_numpy1,
+    training_args,
+)
 from datagen.twins.dinov2 import build_dinov2
 
 torch.set_num_threads(1)
@@ -47,8 +58,13 @@ def sha256(path: pathlib.Path) -> str:
 
 
 def read_raw(path: pathlib.Path) -> dict:
-    with torch.serialization.safe_globals([argparse.Namespace]):
+    with torch.serialization.safe_globals(csd_checkpoint_globals()):
         return torch.load(path, map_location="cpu", weights_only=True)
+
+
+def pickle_globals(path: pathlib.Path) -> set[str]:
+    """The globals a checkpoint's pickle names beyond torch's defaults (a static scan)."""
+    return set(torch.serialization.get_unsafe_globals_in_checkpoint(path))
 
 
 def gradient(height: int, width: int, phase: float = 0.0) -> np.ndarray:
@@ -144,6 +160,16 @@ def test_twins_build_deterministically(tmp_path):
     assert (tmp_path / "a/csd" / CHECKPOINT_FILE).stat().st_size < 2_000_000
     raw = read_raw(tmp_path / "a/csd" / CHECKPOINT_FILE)
     assert isinstance(raw["args"], argparse.Namespace)
+    # The released file's globals (its Hub page: numpy.core.multiarray.scalar, numpy.dtype,
+    # _codecs.encode, which torch allows by default), in numpy 1.x's spelling whatever numpy
+    # built the twin.
+    assert pickle_globals(tmp_path / "a/csd" / CHECKPOINT_FILE) == {
+        "argparse.Namespace",
+        "numpy.core.multiarray.scalar",
+        "numpy.dtype",
+    }
+    assert type(raw["args"].lr) is np.float64 and type(raw["args"].iters) is np.int64
+    assert raw["args"].feature_dtype == np.dtype("float32")
     keys = raw["model_state_dict"].keys()
     assert all(k.startswith("module.") for k in keys)
     assert {"module.last_layer_style", "module.last_layer_content"} <= set(keys)
@@ -185,6 +211,107 @@ def test_models_name_the_checkpoint_hash(stage, tiny_dir):
     assert refs["csd"].revision == "sha256:" + sha256(tiny_dir / "csd" / CHECKPOINT_FILE)
     assert refs["csd"].id == "tiny/csd"
     assert refs["dinov2"].revision == directory_revision(tiny_dir / "dinov2")
+
+
+def _official_args() -> argparse.Namespace:
+    """train_csd.py's args with numpy scalars, a numpy dtype and a numpy DType class."""
+    args = training_args()
+    args.min_lr = np.float64(1e-6)
+    args.warmup_iters = np.int32(30000)
+    args.dtype_class = type(np.dtype("float64"))  # numpy.dtypes.Float64DType (numpy >= 1.25)
+    return args
+
+
+@pytest.mark.parametrize(
+    "saved_by, scalar_global",
+    [
+        ("numpy1", "numpy.core.multiarray.scalar"),  # the released file's spelling
+        ("numpy2", "numpy._core.multiarray.scalar"),
+    ],
+)
+def test_a_checkpoint_saved_the_official_way_loads_and_scores(
+    saved_by, scalar_global, stage, tiny_dir, tmp_path
+):
+    state = read_raw(tiny_dir / "csd" / CHECKPOINT_FILE)["model_state_dict"]
+    assert all(k.startswith("module.") for k in state)  # DDP prefixes, as train_csd.py saves
+    checkpoint = {"model_state_dict": state, "args": _official_args(), "iter": 100000}
+    path = tmp_path / CHECKPOINT_FILE
+    (save_as_numpy1 if saved_by == "numpy1" else torch.save)(checkpoint, path)
+    assert pickle_globals(path) == {
+        "argparse.Namespace",
+        scalar_global,
+        "numpy.dtype",
+        "numpy.dtypes.Float64DType",
+    }
+    # The loader that allowed argparse.Namespace only refused exactly this kind of file.
+    only_namespace = torch.serialization.safe_globals([argparse.Namespace])
+    with only_namespace, pytest.raises(pickle.UnpicklingError, match="numpy"):
+        torch.load(path, map_location="cpu", weights_only=True)
+    model = load_csd(path)
+    images = [gradient(240, 320), checkerboard(200, 200)]
+    got = csd_style_embeddings(model, images)
+    assert torch.allclose(got, csd_style_embeddings(stage.model_csd, images), atol=1e-6)
+    # The args come back as the numpy objects they were.
+    from datagen.score import read_csd_checkpoint
+
+    _, args = read_csd_checkpoint(path)
+    assert type(args.lr) is np.float64 and args.lr == np.float64(0.003)
+    assert type(args.warmup_iters) is np.int32 and args.dtype_class is type(np.dtype("float64"))
+
+
+def test_rename_globals_touches_only_global_opcodes():
+    # The text of a GLOBAL inside a string stays as it is; only the opcode is renamed.
+    payload = ["numpy._core.multiarray\nscalar\n", np.float64(2.5)]
+    data = rename_globals(
+        pickle.dumps(payload, protocol=2),
+        {"numpy._core.multiarray scalar": "numpy.core.multiarray scalar"},
+    )
+    assert b"cnumpy.core.multiarray\nscalar\n" in data
+    assert pickle.loads(data) == payload  # numpy 2 still resolves the numpy 1.x name
+    with pytest.raises(ValueError, match="GLOBAL"):
+        rename_globals(pickle.dumps(payload, protocol=4), {})
+
+
+class _RunsShellWhenUnpickled:
+    """os.system in a checkpoint: would create the marker file if it ran."""
+
+    def __init__(self, marker: pathlib.Path):
+        self.marker = marker
+
+    def __reduce__(self):
+        return (os.system, (f"touch {self.marker}",))
+
+
+class _EvalsWhenUnpickled:
+    def __init__(self, marker: pathlib.Path):
+        self.marker = marker
+
+    def __reduce__(self):
+        return (eval, (f"open({str(self.marker)!r}, 'w').close()",))
+
+
+@pytest.mark.parametrize(
+    "payload, named",
+    [
+        (_RunsShellWhenUnpickled, "posix.system"),
+        (_EvalsWhenUnpickled, "builtins.eval"),
+        # An ndarray needs numpy's array reconstructor, which is not on the list either.
+        (lambda marker: np.zeros(3), "multiarray._reconstruct"),
+    ],
+)
+def test_a_smuggled_callable_is_refused_by_name_and_never_runs(payload, named, tiny_dir, tmp_path):
+    marker = tmp_path / "pwned"
+    args = _official_args()  # the allowed numpy objects are there too
+    args.extra = payload(marker)
+    state = read_raw(tiny_dir / "csd" / CHECKPOINT_FILE)["model_state_dict"]
+    path = tmp_path / CHECKPOINT_FILE
+    save_as_numpy1({"model_state_dict": state, "args": args}, path)
+    with pytest.raises(CheckpointError, match=f"refused.*not unpickled.*{named}") as error:
+        load_csd(path)
+    assert "numpy.core.multiarray.scalar" not in str(error.value)  # only what is refused
+    assert not marker.exists()
+    # And the allowlist is not left registered after the load.
+    assert not set(csd_checkpoint_globals()) & set(torch.serialization.get_safe_globals())
 
 
 class _RunsCodeWhenUnpickled:
@@ -353,6 +480,67 @@ def test_dino_score_is_one_for_identical_videos_and_below_one_otherwise(stage, t
     )
     assert identical.dino_score == pytest.approx(1.0, abs=1e-5)
     assert different.dino_score < 0.999
+
+
+def test_dinov2_input_size_keeps_the_whole_frame_on_the_patch_grid():
+    budget = 224 * 224  # dinov2-base's crop: 16 x 16 patches of 14
+    assert dinov2_input_size(480, 832, 14, budget) == (168, 294)  # 12 x 21 patches
+    assert dinov2_input_size(300, 300, 14, budget) == (224, 224)  # a square: the crop size
+    assert dinov2_input_size(832, 480, 14, budget) == (294, 168)
+    for height, width in [(480, 832), (720, 1280), (64, 64), (1080, 1920), (100, 700), (7, 5)]:
+        rows, cols = dinov2_input_size(height, width, 14, budget)
+        assert rows % 14 == 0 and cols % 14 == 0
+        # about the same pixel count, the aspect within rounding to whole patches
+        assert 0.85 * budget <= rows * cols <= 1.15 * budget, (height, width)
+        # the aspect as close as whole patches allow: within half a column of the row count's
+        assert abs(cols / 14 - rows / 14 * width / height) <= 0.5, (height, width)
+    # A frame too thin for the budget: one patch row or column, never a zero side.
+    assert dinov2_input_size(1, 10_000, 14, budget) == (14, 14 * 256)
+    assert dinov2_input_size(10_000, 1, 14, budget) == (14 * 256, 14)
+
+
+def test_dino_score_sees_the_frame_edges_a_centre_crop_would_drop(stage, tiny_dir):
+    model, processor = load_dinov2(tiny_dir / "dinov2")
+    # 96 x 166: the production frames' 480 x 832 aspect, small for speed.
+    raw = np.concatenate([gradient(96, 83), checkerboard(96, 83)], axis=1)
+    edited = raw.copy()
+    noise = np.random.default_rng(0).integers(0, 256, (96, 20, 3), dtype=np.uint8)
+    edited[:, :20], edited[:, -20:] = noise, noise[:, ::-1]  # only the left and right 12%
+    whole = dino_score(
+        dinov2_cls_embeddings(model, processor, [raw]),
+        dinov2_cls_embeddings(model, processor, [edited]),
+    )
+    assert whole < 0.9999
+    # The processor's own path (resize 256, centre crop 224) never sees that change.
+    with torch.inference_mode():
+        pixels = processor(
+            images=[raw, edited], return_tensors="pt", input_data_format="channels_last"
+        )
+        cropped = model(pixel_values=pixels["pixel_values"]).pooler_output
+    assert dino_score(cropped[:1], cropped[1:]) == pytest.approx(1.0, abs=1e-9)
+
+
+def test_dino_embeddings_of_mixed_frame_sizes_match_one_by_one(stage, tiny_dir):
+    model, processor = load_dinov2(tiny_dir / "dinov2")
+    images = [gradient(48, 64), checkerboard(96, 166), gradient(48, 64, 0.5), checkerboard(70, 70)]
+    together = dinov2_cls_embeddings(model, processor, images, batch_size=1)
+    alone = torch.cat([dinov2_cls_embeddings(model, processor, [image]) for image in images])
+    assert together.shape == (4, model.config.hidden_size)
+    assert torch.allclose(together, alone, atol=1e-5)
+    assert dinov2_cls_embeddings(model, processor, []).shape == (0, model.config.hidden_size)
+    # A 224 x 224 frame is already on the grid: it gets exactly the processor's rescaling and
+    # mean/std normalisation, without the processor's resize and crop.
+    square = np.random.default_rng(2).integers(0, 256, (224, 224, 3), dtype=np.uint8)
+    inputs = processor(
+        images=[square],
+        do_resize=False,
+        do_center_crop=False,
+        return_tensors="pt",
+        input_data_format="channels_last",
+    )
+    with torch.inference_mode():
+        expected = model(pixel_values=inputs["pixel_values"]).pooler_output
+    assert torch.allclose(dinov2_cls_embeddings(model, processor, [square]), expected, atol=1e-5)
 
 
 # --- the stage -------------------------------------------------------------------------------
