@@ -4,9 +4,11 @@ The stylized first frame is what the animate stage brings to life; the K stylize
 are the sample's style references. Two backends sit behind one interface:
 
 - `sdxl` (CT tier): SDXL base + depth ControlNet + IP-Adapter with InstantStyle, i.e. the
-  IP-Adapter image is injected only into the style blocks. The ControlNet keeps each frame's
-  layout (its depth map, made by the control stage); the prompt and the IP-Adapter image (the
-  style's reference image) carry the style. A style given only as text gets an exemplar image,
+  IP-Adapter image is injected only into the style block (style+layout as an option). The
+  ControlNet keeps each frame's layout (its depth map, made by the control step whatever the
+  control kind: the ControlNet was trained on depth); the prompt says what the clip shows, then
+  the style ("<content>, <style prompt>", the content from the describe step's VLM), and the
+  IP-Adapter image (the style's reference image) carries the style. A style given only as text gets an exemplar image,
   generated once by the same SDXL from the style prompt and cached on disk.
 - `http` (SFT tier): any image-edit service that speaks the small JSON protocol below.
 
@@ -68,10 +70,13 @@ DEFAULT_API_KEY_ENV = "DATAGEN_IMAGE_EDIT_API_KEY"
 SIZE_MULTIPLE = 64  # SDXL sizes: multiples of 64 (VAE factor 8 x UNet depth)
 
 # InstantStyle (Wang et al. 2024): the IP-Adapter is active in only these UNet blocks.
-# "style_layout" is the map the project uses; "style" drops the layout block.
+# "style" = `up_blocks.0.attentions.1`, the style-only map its ControlNet example uses
+# (instantX-research/InstantStyle infer_style_controlnet.py:28-30) and the default here;
+# "style_layout" adds `down_blocks.2.attentions.1` (infer_style_controlnet.py:29), which also
+# carries the style image's layout into the frame.
 INSTANTSTYLE_BLOCKS = {
-    "style_layout": lambda s: {"down": {"block_2": [0.0, s]}, "up": {"block_0": [0.0, s, 0.0]}},
     "style": lambda s: {"up": {"block_0": [0.0, s, 0.0]}},
+    "style_layout": lambda s: {"down": {"block_2": [0.0, s]}, "up": {"block_0": [0.0, s, 0.0]}},
 }
 
 # Reject reason codes of this stage.
@@ -98,6 +103,20 @@ class StylizeInput:
     control_images: list[np.ndarray]  # the depth map of each frame, (H, W, 3) uint8
     style: Style
     seed: int
+    # What the clip shows, content only (the describe step's VLM answer), put before the style
+    # words in the prompt as InstantStyle's example does ("a man, masterpiece, ...",
+    # infer_style_controlnet.py:44); empty: the style words alone.
+    content: str = ""
+
+    @property
+    def prompt(self) -> str:
+        return stylize_prompt(self.content, self.style)
+
+
+def stylize_prompt(content: str, style: Style) -> str:
+    """'<content>, <style prompt>': what to draw, then how."""
+    content = content.strip().rstrip(".")
+    return f"{content}, {style.prompt}" if content else style.prompt
 
 
 @dataclass(frozen=True)
@@ -118,11 +137,13 @@ class StylizeConfig:
     controlnet_id: str | None = None
     ip_adapter_id: str | None = None
     num_style_refs: int = 3  # K: extra frames stylized as style references
+    # InstantStyle's ControlNet example (infer_style_controlnet.py:46-52): IP-Adapter scale 1.0
+    # inside the style blocks, guidance 5, 30 steps, ControlNet conditioning scale 0.6.
     steps: int = 30
     guidance_scale: float = 5.0
-    controlnet_conditioning_scale: float = 0.5
+    controlnet_conditioning_scale: float = 0.6
     ip_adapter_scale: float = 1.0  # IP-Adapter weight inside the InstantStyle blocks
-    ip_adapter_blocks: str = "style_layout"  # key of INSTANTSTYLE_BLOCKS
+    ip_adapter_blocks: str = "style"  # key of INSTANTSTYLE_BLOCKS
     resolution: int = 1024  # model runs at ~resolution^2 pixels, clip aspect, multiples of 64
     keep_aspect: bool = True  # False: always resolution x resolution
     exemplar_seed: int = 0
@@ -418,7 +439,7 @@ class SdxlStylizer:
         # share one rendering of the style. CPU generators give the same noise on any device.
         generators = [self._torch.Generator("cpu").manual_seed(int(sample.seed)) for _ in controls]
         result = self.pipe(
-            prompt=[sample.style.prompt] * count,
+            prompt=[sample.prompt] * count,
             negative_prompt=[sample.style.negative_prompt] * count,
             image=controls,
             ip_adapter_image=Image.fromarray(style_image),
@@ -600,7 +621,7 @@ class HttpImageEditStylizer:
         bodies = [
             {
                 "image": _png_base64(frame),
-                "prompt": style.prompt,
+                "prompt": sample.prompt,
                 "negative_prompt": style.negative_prompt,
                 "reference_image": reference,
                 "style_id": style.id,
@@ -763,7 +784,7 @@ class StylizeStage(Stage[StylizeInput, StylizeOutput]):
                     sample_id=sample.sample_id,
                     stylized_first_frame=images[0],
                     style_refs=images[1:],
-                    prompt=sample.style.prompt,
+                    prompt=sample.prompt,
                     params={
                         **self.params(),
                         **used,

@@ -214,7 +214,7 @@ def test_build_options_with_choices_are_checked_by_the_command_line(monkeypatch,
     paths = ["--source", tmp_path / "clips", "--out", tmp_path / "out"]
     for option, value, choices in [
         ("--profile", "huge", "'tiny', 'production'"),
-        ("--instantstyle-blocks", "all", "'style_layout', 'style'"),
+        ("--instantstyle-blocks", "all", "'style', 'style_layout'"),
     ]:
         result = invoke("build", "ct", *paths, option, value)
         words = " ".join(result.output.replace("│", " ").split())  # the error box wraps

@@ -35,7 +35,9 @@ from datagen.twins import sdxl as sdxl_twins
 
 H, W = 48, 80  # non-square and not a model size: outputs must come back at exactly this size
 K = 3
-STYLE_BLOCKS = ("down_blocks.2.attentions.1.", "up_blocks.0.attentions.1.")
+# InstantStyle's style-only map (the default): the IP-Adapter enters this block only
+STYLE_BLOCKS = ("up_blocks.0.attentions.1.",)
+LAYOUT_BLOCK = "down_blocks.2.attentions.1."
 
 
 @pytest.fixture(scope="module", autouse=True)
@@ -201,6 +203,7 @@ def test_instantstyle_map_only_in_style_blocks_and_unchanged_by_calls(
     inactive = set(before) - active
     assert any(n.startswith("mid_block") for n in inactive)
     assert any(n.startswith("down_blocks.2.attentions.0.") for n in inactive)
+    assert any(n.startswith(LAYOUT_BLOCK) for n in inactive), "style-only by default"
     assert any(n.startswith("up_blocks.0.attentions.2.") for n in inactive)
     assert all(before[n] == [1.0] for n in active)
 
@@ -239,10 +242,24 @@ def test_outputs_come_back_at_the_clip_size(stage, reference_style):
     assert result.prompt == reference_style.prompt
     assert result.params["model_size"] == [64, 64]
     assert result.params["seed"] == 7
-    assert result.params["ip_adapter_scale_map"] == {
-        "down": {"block_2": [0.0, 1.0]},
-        "up": {"block_0": [0.0, 1.0, 0.0]},
+    assert result.params["ip_adapter_scale_map"] == {"up": {"block_0": [0.0, 1.0, 0.0]}}
+    assert result.params["controlnet_conditioning_scale"] == 0.6  # InstantStyle's example
+
+
+def test_style_layout_map_is_an_option():
+    layout = StylizeConfig(ip_adapter_blocks="style_layout", ip_adapter_scale=0.8)
+    assert layout.instantstyle_map == {
+        "down": {"block_2": [0.0, 0.8]},
+        "up": {"block_0": [0.0, 0.8, 0.0]},
     }
+
+
+def test_the_content_goes_before_the_style_words_and_steers_the_image(stage, reference_style):
+    (plain,) = stage([_sample(reference_style)])
+    described = replace(_sample(reference_style), content="a red fox running through snow.")
+    (result,) = stage([described])
+    assert result.prompt == f"a red fox running through snow, {reference_style.prompt}"
+    assert not np.array_equal(result.stylized_first_frame, plain.stylized_first_frame)
     assert stage.params()["backend"] == "sdxl" and stage.params()["steps"] == 2
 
 
