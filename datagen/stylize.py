@@ -8,8 +8,9 @@ are the sample's style references. Two backends sit behind one interface:
   ControlNet keeps each frame's layout (its depth map, made by the control step whatever the
   control kind: the ControlNet was trained on depth); the prompt says what the clip shows, then
   the style ("<content>, <style prompt>", the content from the describe step's VLM), and the
-  IP-Adapter image (the style's reference image) carries the style. A style given only as text gets an exemplar image,
-  generated once by the same SDXL from the style prompt and cached on disk.
+  IP-Adapter image (the style's reference image) carries the style. A style given only as
+  text gets an exemplar image, generated once by the same SDXL from the style prompt and cached
+  on disk.
 - `http` (SFT tier): any image-edit service that speaks the small JSON protocol below.
 
 HTTP protocol (one request per frame)::
