@@ -10,10 +10,16 @@
 Rejects: `bad_frames`, `caption_truncated` (the generation hit max_new_tokens), `caption_empty`,
 `caption_ns_style_words`, and the backend's per-sample failures (`vlm_http_error`,
 `vlm_bad_response`). Prompts are the text files prompts/caption_*.txt.
+
+Length: the prompts state a word limit (`$max_words`, filled in from CAPTION_NS_MAX_WORDS and
+CAPTION_STY_MAX_WORDS), and the generation budget is derived from the larger of the two
+(`caption_token_budget`), so a caption that keeps to its limit is never cut off and rejected.
 """
 
 from __future__ import annotations
 
+import logging
+import math
 from dataclasses import asdict, dataclass
 
 import numpy as np
@@ -33,11 +39,41 @@ from datagen.vlm import (
     sample_video,
 )
 
+log = logging.getLogger(__name__)
+
+# The word limits the prompts state ($max_words in prompts/caption_*.txt; the retry prompt
+# repeats caption_ns's). caption_sty describes content and style, so it gets more words.
+CAPTION_NS_MAX_WORDS = 100
+CAPTION_STY_MAX_WORDS = 120
+# English prose is about 1.3-1.5 tokens per word with Qwen2.5's byte-level BPE tokenizer
+# (151k vocabulary); the upper end, so wordier captions (names, numbers) still fit.
+TOKENS_PER_WORD = 1.5
+# Models keep to a stated word count only roughly: room for a caption 25% over its limit.
+WORD_LIMIT_OVERSHOOT = 1.25
+# The end-of-turn token, quotes and punctuation a reply may open or close with.
+TOKEN_MARGIN = 8
+
+
+def caption_token_budget(words: int = max(CAPTION_NS_MAX_WORDS, CAPTION_STY_MAX_WORDS)) -> int:
+    """max_new_tokens that holds a `words`-word caption: words x TOKENS_PER_WORD x
+    WORD_LIMIT_OVERSHOOT + TOKEN_MARGIN, rounded up (233 for the 120-word caption_sty)."""
+    if isinstance(words, bool) or not isinstance(words, int) or words < 1:
+        raise ValueError(f"words must be an integer >= 1, got {words!r}")
+    return math.ceil(words * TOKENS_PER_WORD * WORD_LIMIT_OVERSHOOT) + TOKEN_MARGIN
+
+
+# What production captions should be generated with (the default of CaptionConfig).
+CAPTION_MAX_NEW_TOKENS = caption_token_budget()
+
 
 @dataclass(frozen=True)
 class CaptionConfig(VLMConfig):
-    """The VLM settings (datagen.vlm.VLMConfig) plus the caption_ns regeneration budget."""
+    """The VLM settings (datagen.vlm.VLMConfig) plus the caption_ns regeneration budget.
 
+    `max_new_tokens` defaults to CAPTION_MAX_NEW_TOKENS, the budget of the prompts' word limits.
+    """
+
+    max_new_tokens: int = CAPTION_MAX_NEW_TOKENS
     max_retries: int = 3  # caption_ns generations in all (the first included) before a reject
     # A caption cut off at max_new_tokens is rejected. Only the tiny profile turns this off:
     # its random-weight twin never ends a sentence, and the demo still has to produce rows.
@@ -74,17 +110,33 @@ class CaptionStage(VLMStage[CaptionInput, CaptionOutput]):
         self.config = config or CaptionConfig()
         super().__init__(resources or self.config.default_resources())
         # Read at build time, so a broken prompt file is a config error, not a failed run.
-        self.sty_prompt = load_prompt("caption_sty.txt", ("style_name", "style_prompt"))
-        self.ns_prompt = load_prompt("caption_ns.txt", ())
-        self.retry_prompt = load_prompt("caption_ns_retry.txt", ("words",))
+        self.sty_prompt = load_prompt(
+            "caption_sty.txt", ("style_name", "style_prompt", "max_words")
+        )
+        self.ns_prompt = load_prompt("caption_ns.txt", ("max_words",))
+        self.retry_prompt = load_prompt("caption_ns_retry.txt", ("words", "max_words"))
         self.vocabulary = load_style_vocabulary()
+        needed = caption_token_budget()
+        if self.config.max_new_tokens < needed and not self.config.accept_truncated:
+            log.warning(
+                "caption max_new_tokens=%d is below the %d tokens a %d-word caption may take "
+                "(caption_token_budget): captions that keep to the prompts' word limits can be "
+                "cut off and rejected as caption_truncated",
+                self.config.max_new_tokens,
+                needed,
+                max(CAPTION_NS_MAX_WORDS, CAPTION_STY_MAX_WORDS),
+            )
 
     def params(self) -> dict:
         """The settings that shaped the captions (recorded in the row's params)."""
         return {
             **asdict(self.config),
             "prompts": prompt_sha256(self.sty_prompt, self.ns_prompt, self.retry_prompt),
+            "max_words": {"caption_ns": CAPTION_NS_MAX_WORDS, "caption_sty": CAPTION_STY_MAX_WORDS},
         }
+
+    def _ns_prompt(self) -> str:
+        return self.ns_prompt.substitute(max_words=CAPTION_NS_MAX_WORDS)
 
     def _process(self, batch: list[CaptionInput]) -> list[CaptionOutput | Reject]:
         results: dict[int, CaptionOutput | Reject] = {}
@@ -103,7 +155,7 @@ class CaptionStage(VLMStage[CaptionInput, CaptionOutput]):
 
         # One round for both captions, so the backend batches them together.
         sty_conversations = [self._sty_conversation(batch[i], stylized[i]) for i in todo]
-        ns_conversations = [[Turn("user", (raw[i], self.ns_prompt.substitute()))] for i in todo]
+        ns_conversations = [[Turn("user", (raw[i], self._ns_prompt()))] for i in todo]
         replies = self._generate(sty_conversations + ns_conversations)
         caption_sty: dict[int, str] = {}
         ns_replies = dict(zip(todo, replies[len(todo) :], strict=True))
@@ -140,10 +192,13 @@ class CaptionStage(VLMStage[CaptionInput, CaptionOutput]):
                     continue
                 # Same conversation, the offending answer included: greedy decoding would
                 # repeat itself on the same prompt.
+                again = self.retry_prompt.substitute(
+                    words=", ".join(forbidden[i]), max_words=CAPTION_NS_MAX_WORDS
+                )
                 retry[i] = [
-                    Turn("user", (raw[i], self.ns_prompt.substitute())),
+                    Turn("user", (raw[i], self._ns_prompt())),
                     Turn("assistant", (text,)),
-                    Turn("user", (self.retry_prompt.substitute(words=", ".join(forbidden[i])),)),
+                    Turn("user", (again,)),
                 ]
             pending = list(retry)
             for i, reply in zip(pending, self._generate(list(retry.values())), strict=True):
@@ -153,7 +208,9 @@ class CaptionStage(VLMStage[CaptionInput, CaptionOutput]):
 
     def _sty_conversation(self, item: CaptionInput, video: Video) -> list[Turn]:
         prompt = self.sty_prompt.substitute(
-            style_name=item.style_name.strip(), style_prompt=item.style_prompt.strip()
+            style_name=item.style_name.strip(),
+            style_prompt=item.style_prompt.strip(),
+            max_words=CAPTION_STY_MAX_WORDS,
         )
         return [Turn("user", (video, prompt))]
 

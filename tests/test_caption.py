@@ -420,3 +420,85 @@ def test_accept_truncated_keeps_cut_off_captions_for_the_tiny_profile(tmp_path_f
     lenient = CaptionStage(CaptionConfig(tiny_dir=tiny, max_new_tokens=4, accept_truncated=True))
     (output,) = lenient([sample])
     assert isinstance(output, CaptionOutput) and output.caption_ns and output.caption_sty
+
+
+# --- word limits, the token budget and colours ---------------------------------------------
+
+
+def test_the_token_budget_derives_from_the_prompts_word_limits():
+    from datagen.caption import (
+        CAPTION_MAX_NEW_TOKENS,
+        CAPTION_NS_MAX_WORDS,
+        CAPTION_STY_MAX_WORDS,
+        TOKENS_PER_WORD,
+        caption_token_budget,
+    )
+
+    assert caption_token_budget(120) == 233  # 120 x 1.5 x 1.25 + 8
+    assert CAPTION_MAX_NEW_TOKENS == caption_token_budget() == caption_token_budget(120)
+    assert CAPTION_STY_MAX_WORDS >= CAPTION_NS_MAX_WORDS
+    for words in (CAPTION_NS_MAX_WORDS, CAPTION_STY_MAX_WORDS):
+        # the stated limit at the upper-end ratio, with room to spare, fits the default budget
+        assert words * TOKENS_PER_WORD * 1.2 < caption_token_budget(words) <= CAPTION_MAX_NEW_TOKENS
+    assert caption_token_budget(121) > caption_token_budget(120)
+    assert CaptionConfig().max_new_tokens == CAPTION_MAX_NEW_TOKENS
+    assert CaptionConfig(max_new_tokens=64).max_new_tokens == 64  # still settable
+    for bad in (0, 2.5, True):
+        with pytest.raises(ValueError, match="words"):
+            caption_token_budget(bad)
+
+
+def test_the_prompts_state_the_word_limits_and_ask_for_no_colours(server, keyed):
+    from datagen.caption import CAPTION_NS_MAX_WORDS, CAPTION_STY_MAX_WORDS
+
+    server.script = lambda request: (
+        STY if is_sty(request) else CLEAN_NS if is_retry(request) else "A watercolor dog."
+    )
+    stage = api_stage(server)
+    (result,) = stage([item()])
+    assert isinstance(result, CaptionOutput) and result.attempts == 2
+    requests = server.chat_requests()
+    sty = next(r for r in requests if is_sty(r))
+    ns = next(r for r in requests if not is_sty(r) and not is_retry(r))
+    retry = next(r for r in requests if is_retry(r))
+    sty_text, ns_text, retry_text = (" ".join(r.texts()) for r in (sty, ns, retry))
+    assert f"at most {CAPTION_STY_MAX_WORDS} words" in sty_text
+    assert f"at most {CAPTION_NS_MAX_WORDS} words" in ns_text
+    assert f"at most {CAPTION_NS_MAX_WORDS} words" in retry.texts()[-1]
+    assert all("$" not in text for text in (sty_text, ns_text, retry_text))
+    # caption_ns: colours are not invited but ruled out (a recolouring style changes them).
+    assert "You may name the colours" not in ns_text
+    assert 'Do not name the colours of things either (write "a car", not "a red car")' in ns_text
+    assert "without naming colours" in retry.texts()[-1]
+    # Every request asks for the budget the word limits need.
+    assert {r.json["max_tokens"] for r in requests} == {stage.config.max_new_tokens}
+    assert stage.config.max_new_tokens == 233
+    assert stage.params()["max_words"] == {
+        "caption_ns": CAPTION_NS_MAX_WORDS,
+        "caption_sty": CAPTION_STY_MAX_WORDS,
+    }
+
+
+def test_a_budget_below_the_word_limits_is_a_warning(caplog):
+    with caplog.at_level(logging.WARNING, logger="datagen.caption"):
+        CaptionStage(CaptionConfig(max_new_tokens=160))  # the old production value
+    assert "max_new_tokens=160 is below the 233 tokens a 120-word caption" in caplog.text
+    caplog.clear()
+    with caplog.at_level(logging.WARNING, logger="datagen.caption"):
+        CaptionStage(CaptionConfig())
+        CaptionStage(CaptionConfig(max_new_tokens=24, accept_truncated=True))  # tiny profile
+    assert not caplog.records
+
+
+def test_bare_colour_names_are_left_to_the_prompt_not_the_style_check():
+    """A whole-word check cannot tell a colour a style changes from a name or a kind ("a red
+    panda", "an orange", "the White House"); a hit costs a regeneration and, three times over,
+    a sample whose video is already made. Colour treatment words stay checked."""
+    from datagen.style_vocab import load_style_vocabulary
+
+    vocabulary = load_style_vocabulary()
+    assert vocabulary.find("A red panda eats an orange near the White House.") == []
+    assert vocabulary.find("A dog runs, in vivid colors, desaturated.") == [
+        "vivid colors",
+        "desaturated",
+    ]
