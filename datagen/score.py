@@ -152,9 +152,13 @@ def csd_checkpoint_globals() -> list[Any]:
     `scalar(dtype, bytes)`: the reconstructor is named by the numpy that SAVED the file
     (`numpy.core.multiarray.scalar` by numpy 1.x, `numpy._core.multiarray.scalar` by numpy 2),
     so the one function is registered under both names, the (object, name) form of
-    torch.serialization.add_safe_globals. A pickled dtype class (`numpy.dtypes.Float64DType`,
-    numpy >= 1.25) may appear too. `_codecs.encode` (the scalar's bytes) is in torch's own
-    allowlist already; it is listed so this set does not depend on that.
+    torch.serialization.add_safe_globals (torch >= 2.6, pytorch/pytorch#142153). The numpy
+    DType classes (`numpy.dtypes.Float64DType`, ..., numpy >= 1.25) are needed although no
+    GLOBAL names them, so a static scan (the Hub page, get_unsafe_globals_in_checkpoint) does
+    not list them: `numpy.dtype('f8', False, True)` returns a Float64DType instance, and the
+    BUILD that sets its state is only allowed on an allowlisted type (pytorch/pytorch#134346);
+    a pickled dtype class itself names one as a GLOBAL too. `_codecs.encode` (the scalar's
+    bytes) is in torch's own allowlist already; it is listed so this set does not depend on it.
     """
     import _codecs
     import argparse

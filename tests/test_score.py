@@ -259,6 +259,41 @@ def test_a_checkpoint_saved_the_official_way_loads_and_scores(
     assert type(args.warmup_iters) is np.int32 and args.dtype_class is type(np.dtype("float64"))
 
 
+def test_every_allowed_global_is_needed_by_an_official_checkpoint(tiny_dir, tmp_path):
+    """No entry of the allowlist is there for nothing: without it, an official file fails."""
+    state = read_raw(tiny_dir / "csd" / CHECKPOINT_FILE)["model_state_dict"]
+    numpy1, numpy2 = tmp_path / "numpy1.bin", tmp_path / "numpy2.bin"
+    save_as_numpy1({"model_state_dict": state, "args": training_args()}, numpy1)
+    torch.save({"model_state_dict": state, "args": training_args()}, numpy2)
+    allowed = csd_checkpoint_globals()
+
+    def named(entry) -> str:
+        return entry[1] if isinstance(entry, tuple) else f"{entry.__module__}.{entry.__qualname__}"
+
+    def loads(path, entries) -> bool:
+        try:
+            with torch.serialization.safe_globals(entries):
+                torch.load(path, map_location="cpu", weights_only=True)
+        except pickle.UnpicklingError:
+            return False
+        return True
+
+    assert loads(numpy1, allowed) and loads(numpy2, allowed)
+    without = {
+        "argparse.Namespace": [numpy1, numpy2],
+        "numpy.dtype": [numpy1, numpy2],
+        "numpy.core.multiarray.scalar": [numpy1],
+        "numpy._core.multiarray.scalar": [numpy2],
+        # No GLOBAL names it: numpy.dtype('f8', ...) returns one, which BUILD then sets up.
+        "numpy.dtypes.Float64DType": [numpy1, numpy2],
+    }
+    for name, paths in without.items():
+        rest = [entry for entry in allowed if named(entry) != name]
+        assert len(rest) == len(allowed) - 1, name
+        assert not any(loads(path, rest) for path in paths), name
+    assert "_codecs.encode" in {named(entry) for entry in allowed}  # torch allows it already
+
+
 def test_rename_globals_touches_only_global_opcodes():
     # The text of a GLOBAL inside a string stays as it is; only the opcode is renamed.
     payload = ["numpy._core.multiarray\nscalar\n", np.float64(2.5)]
