@@ -73,7 +73,10 @@ class AnimateConfig:
     steps: int | None = None
     guidance_scale: float = 5.0  # 1.0 turns classifier-free guidance off
     negative_prompt: str = DEFAULT_NEGATIVE_PROMPT
-    flow_shift: float = 3.0  # Wan's recommendation for 480p (5.0 for 720p)
+    # VACE's sample shift: Wan2.1 generate.py:80-81 sets 16 for every "vace" task (3.0 there is
+    # the I2V 480p value, generate.py:78-79), and VACE's own vace/vace_wan_inference.py:49-50
+    # defaults to 16 too.
+    flow_shift: float = 16.0
     conditioning_scale: float = 1.0
     max_sequence_length: int = 512
     max_pairs_per_call: int = 1  # pairs per pipeline call (2 members each)
@@ -212,7 +215,7 @@ def load_pipeline(path: str | Path, device: str, dtype: Any, flow_shift: float):
     # load it: it is small, and the decoded pixels are the product.
     vae = AutoencoderKLWan.from_pretrained(path, subfolder="vae", dtype=torch.float32)
     pipe = batched_pipeline_class().from_pretrained(path, vae=vae, dtype=dtype)
-    # Set once here, never per call: Wan's sampler, with the flow shift for the resolution.
+    # Set once here, never per call: Wan's UniPC flow sampler with the configured shift (VACE: 16).
     pipe.scheduler = UniPCMultistepScheduler.from_config(
         pipe.scheduler.config,
         prediction_type="flow_prediction",

@@ -67,6 +67,13 @@ SOURCES: dict[str, ModelSource] = {
             twin="datagen.twins.annotators:build_annotators",
         ),
         ModelSource(
+            "dwpose",
+            "yzd-v/DWPose",
+            "control: DWPose (YOLOX-L detector + DW-LL pose, ONNX)",
+            files=("yolox_l.onnx", "dw-ll_ucoco_384.onnx"),
+            twin="datagen.twins.annotators:build_dwpose",
+        ),
+        ModelSource(
             "sdxl",
             "stabilityai/stable-diffusion-xl-base-1.0",
             "stylize: SDXL base",

@@ -317,7 +317,8 @@ def _run(
 
 
 def run_control(work: ShardWork, config: BuildConfig, runner: StageRunner) -> StageReport:
-    """Decode each clip, make its control video; keep the first and reference frames."""
+    """Decode each clip, make its control video; keep the first and reference frames and the
+    depth maps the stylize step conditions them on (depth whatever the control kind)."""
     from datagen.control import ControlInput
 
     pending = work.pending("control")
@@ -336,7 +337,7 @@ def run_control(work: ShardWork, config: BuildConfig, runner: StageRunner) -> St
                 work.add_reject(Reject(sample.sample_id, "decode", error.reason, error.detail))
                 report.rejected += 1
                 continue
-            yield ControlInput(sample.sample_id, clips[sample.sample_id])
+            yield ControlInput(sample.sample_id, clips[sample.sample_id], (0, *refs))
 
     def save(output) -> None:
         frames = clips.pop(output.sample_id)
@@ -344,31 +345,38 @@ def run_control(work: ShardWork, config: BuildConfig, runner: StageRunner) -> St
             "control",
             output.sample_id,
             videos={"control": output.frames},
-            images={"first": frames[0], "refs": [frames[i] for i in refs]},
-            values={"sha256": output.sha256, "kind": output.kind},
+            images={
+                "first": frames[0],
+                "refs": [frames[i] for i in refs],
+                "stylize_control": list(output.stylize_maps),
+            },
+            values={
+                "sha256": output.sha256,
+                "kind": output.kind,
+                "stylize_control": output.stylize_control,
+            },
         )
 
     return _run(work, "control", runner, _batched(inputs(), config.batch_size), save, report)
 
 
 def run_stylize(work: ShardWork, config: BuildConfig, runner: StageRunner) -> StageReport:
-    """Stylize the first frame and the K reference frames under their depth maps."""
+    """Stylize the first frame and the K reference frames under their depth maps (made by the
+    control stage for these frames, whatever the control kind the pair is animated under)."""
     from datagen.stylize import StylizeInput
 
     library = load_style_library()
-    refs = ref_frame_indices(config.clip_settings().num_frames, config.k_refs)
     pending = work.pending("stylize")
     report = StageReport("stylize", work.shard, skipped=len(work.samples()) - len(pending))
 
     def inputs() -> Iterator[StylizeInput]:
         for sample in pending:
-            control = work.video("control", sample.sample_id, "control")
             frames = [work.image("control", sample.sample_id, "first")]
             frames += work.images("control", sample.sample_id, "refs")
             yield StylizeInput(
                 sample.sample_id,
                 frames,
-                [control[0]] + [control[i] for i in refs],
+                work.images("control", sample.sample_id, "stylize_control"),
                 library.get(sample.style_id),
                 sample.seed,
             )

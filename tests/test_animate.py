@@ -115,7 +115,7 @@ def test_production_loading_code_loads_the_twin_unchanged(stage, tiny_dir, monke
         scheduler = production.pipe.scheduler
         assert isinstance(scheduler, UniPCMultistepScheduler)
         assert scheduler.config.prediction_type == "flow_prediction"
-        assert scheduler.config.use_flow_sigmas and scheduler.config.flow_shift == 3.0
+        assert scheduler.config.use_flow_sigmas and scheduler.config.flow_shift == 16.0
         assert production.pipe.vae.dtype == torch.float32
         ref = production.models()["wan_vace"]
         assert ref.id == str(twin) and ref.revision == directory_revision(twin)
@@ -189,6 +189,7 @@ def test_batched_pair_equals_two_stock_single_calls(stage, tiny_dir):
 
     config = stage.config
     stock = WanVACEPipeline.from_pretrained(tiny_dir / "wan_vace")  # the unmodified class
+    stock.scheduler = type(stage.pipe.scheduler).from_config(stage.pipe.scheduler.config)
     stock.set_progress_bar_config(disable=True)
     black, white = Image.new("L", (WIDTH, HEIGHT), 0), Image.new("L", (WIDTH, HEIGHT), 255)
     mask = [black] + [white] * (FRAMES - 1)
@@ -341,7 +342,7 @@ def test_profile_defaults_and_resources():
     tiny, production = AnimateConfig(), AnimateConfig(profile="production")
     assert (tiny.num_frames, tiny.height, tiny.width, tiny.steps) == (9, 64, 64, 2)
     assert (production.num_frames, production.height, production.width) == (81, 480, 832)
-    assert production.steps >= 30 and production.flow_shift == 3.0
+    assert production.steps >= 30 and production.flow_shift == 16.0  # VACE's shift
     assert production.repo == "Wan-AI/Wan2.1-VACE-14B-diffusers"
     resources = AnimateStage().resources
     assert (resources.num_gpus, resources.num_cpus) == (1, 1)
