@@ -20,11 +20,12 @@ from __future__ import annotations
 
 import logging
 import math
+from collections.abc import Callable
 from dataclasses import asdict, dataclass
 
 import numpy as np
 
-from datagen.stage import Reject, Resources
+from datagen.stage import In, Out, Reject, Resources
 from datagen.style_vocab import load_style_vocabulary
 from datagen.vlm import (
     Turn,
@@ -103,19 +104,99 @@ class CaptionOutput:
     attempts: int  # caption_ns generations it took (1 = clean at the first try)
 
 
-class CaptionStage(VLMStage[CaptionInput, CaptionOutput]):
+class WritingStage(VLMStage[In, Out]):
+    """A VLM stage that writes text about frames: replies checked for truncation and
+    emptiness, and content-only texts kept free of style words (caption and describe)."""
+
+    def __init__(self, config: CaptionConfig, resources: Resources | None = None):
+        self.config = config
+        super().__init__(resources or self.config.default_resources())
+        self.vocabulary = load_style_vocabulary()
+
+    def _content_only(
+        self,
+        sample_ids: dict[int, str],
+        asked: dict[int, Turn],
+        replies: dict[int, VLMReply | VLMRequestError],
+        retry_prompt: Callable[[str], str],
+        which: str,
+    ) -> dict[int, tuple[str, int] | Reject]:
+        """A content-only text per sample: each reply is checked against the style vocabulary
+        and, on a hit, the VLM is asked again in the same conversation (`retry_prompt` of the
+        words used so far) up to `max_retries` generations in all; then the sample is
+        rejected (`<which>_style_words`). Returns (text, generations it took) or a Reject."""
+        results: dict[int, tuple[str, int] | Reject] = {}
+        attempts = dict.fromkeys(replies, 1)
+        forbidden: dict[int, list[str]] = {i: [] for i in replies}
+        pending = list(replies)
+        while pending:
+            retry: dict[int, list[Turn]] = {}
+            for i in pending:
+                text, failure = self._text(sample_ids[i], replies[i], which)
+                if failure:
+                    results[i] = failure
+                    continue
+                words = self.vocabulary.find(text)
+                if not words:
+                    results[i] = (text, attempts[i])
+                    continue
+                forbidden[i] += [w for w in dict.fromkeys(words) if w not in forbidden[i]]
+                if attempts[i] >= self.config.max_retries:
+                    results[i] = self.reject(
+                        sample_ids[i],
+                        f"{which}_style_words",
+                        f"style words {', '.join(forbidden[i])} in {which} after "
+                        f"{attempts[i]} attempts; last: {text[:200]!r}",
+                    )
+                    continue
+                # Same conversation, the offending answer included: greedy decoding would
+                # repeat itself on the same prompt.
+                retry[i] = [
+                    asked[i],
+                    Turn("assistant", (text,)),
+                    Turn("user", (retry_prompt(", ".join(forbidden[i])),)),
+                ]
+            pending = list(retry)
+            for i, reply in zip(pending, self._generate(list(retry.values())), strict=True):
+                replies[i] = reply
+                attempts[i] += 1
+        return results
+
+    def _generate(self, conversations: list) -> list[VLMReply | VLMRequestError]:
+        if not conversations:
+            return []
+        return self.backend.generate(conversations, self.config.max_new_tokens)
+
+    def _text(
+        self, sample_id: str, reply: VLMReply | VLMRequestError, which: str
+    ) -> tuple[str, Reject | None]:
+        """The caption in `reply`, or the reject it amounts to."""
+        if isinstance(reply, VLMRequestError):
+            return "", self.reject(sample_id, reply.reason, f"{which}: {reply.detail}")
+        if reply.truncated and not self.config.accept_truncated:
+            return "", self.reject(
+                sample_id,
+                "caption_truncated",
+                f"{which} hit max_new_tokens={self.config.max_new_tokens} without ending: "
+                f"{reply.text[:200]!r}",
+            )
+        text = " ".join(reply.text.split()).strip("\"' ")
+        if not text:
+            return "", self.reject(sample_id, "caption_empty", f"{which} is empty")
+        return text, None
+
+
+class CaptionStage(WritingStage[CaptionInput, CaptionOutput]):
     name = "caption"
 
     def __init__(self, config: CaptionConfig | None = None, resources: Resources | None = None):
-        self.config = config or CaptionConfig()
-        super().__init__(resources or self.config.default_resources())
+        super().__init__(config or CaptionConfig(), resources)
         # Read at build time, so a broken prompt file is a config error, not a failed run.
         self.sty_prompt = load_prompt(
             "caption_sty.txt", ("style_name", "style_prompt", "max_words")
         )
         self.ns_prompt = load_prompt("caption_ns.txt", ("max_words",))
         self.retry_prompt = load_prompt("caption_ns_retry.txt", ("words", "max_words"))
-        self.vocabulary = load_style_vocabulary()
         needed = caption_token_budget()
         if self.config.max_new_tokens < needed and not self.config.accept_truncated:
             log.warning(
@@ -166,44 +247,19 @@ class CaptionStage(VLMStage[CaptionInput, CaptionOutput]):
             else:
                 caption_sty[i] = text
 
-        attempts = dict.fromkeys(caption_sty, 1)
-        forbidden: dict[int, list[str]] = {i: [] for i in caption_sty}
-        pending = list(caption_sty)
-        while pending:
-            retry: dict[int, list[Turn]] = {}
-            for i in pending:
-                sample_id = batch[i].sample_id
-                text, failure = self._text(sample_id, ns_replies[i], "caption_ns")
-                if failure:
-                    results[i] = failure
-                    continue
-                words = self.vocabulary.find(text)
-                if not words:
-                    results[i] = CaptionOutput(sample_id, text, caption_sty[i], attempts[i])
-                    continue
-                forbidden[i] += [w for w in dict.fromkeys(words) if w not in forbidden[i]]
-                if attempts[i] >= self.config.max_retries:
-                    results[i] = self.reject(
-                        sample_id,
-                        "caption_ns_style_words",
-                        f"style words {', '.join(forbidden[i])} in caption_ns after "
-                        f"{attempts[i]} attempts; last: {text[:200]!r}",
-                    )
-                    continue
-                # Same conversation, the offending answer included: greedy decoding would
-                # repeat itself on the same prompt.
-                again = self.retry_prompt.substitute(
-                    words=", ".join(forbidden[i]), max_words=CAPTION_NS_MAX_WORDS
-                )
-                retry[i] = [
-                    Turn("user", (raw[i], self._ns_prompt())),
-                    Turn("assistant", (text,)),
-                    Turn("user", (again,)),
-                ]
-            pending = list(retry)
-            for i, reply in zip(pending, self._generate(list(retry.values())), strict=True):
-                ns_replies[i] = reply
-                attempts[i] += 1
+        ns = self._content_only(
+            {i: batch[i].sample_id for i in caption_sty},
+            {i: Turn("user", (raw[i], self._ns_prompt())) for i in caption_sty},
+            {i: ns_replies[i] for i in caption_sty},
+            lambda words: self.retry_prompt.substitute(words=words, max_words=CAPTION_NS_MAX_WORDS),
+            "caption_ns",
+        )
+        for i, outcome in ns.items():
+            if isinstance(outcome, Reject):
+                results[i] = outcome
+            else:
+                text, attempts = outcome
+                results[i] = CaptionOutput(batch[i].sample_id, text, caption_sty[i], attempts)
         return [results[i] for i in range(len(batch))]
 
     def _sty_conversation(self, item: CaptionInput, video: Video) -> list[Turn]:
@@ -213,26 +269,3 @@ class CaptionStage(VLMStage[CaptionInput, CaptionOutput]):
             max_words=CAPTION_STY_MAX_WORDS,
         )
         return [Turn("user", (video, prompt))]
-
-    def _generate(self, conversations: list) -> list[VLMReply | VLMRequestError]:
-        if not conversations:
-            return []
-        return self.backend.generate(conversations, self.config.max_new_tokens)
-
-    def _text(
-        self, sample_id: str, reply: VLMReply | VLMRequestError, which: str
-    ) -> tuple[str, Reject | None]:
-        """The caption in `reply`, or the reject it amounts to."""
-        if isinstance(reply, VLMRequestError):
-            return "", self.reject(sample_id, reply.reason, f"{which}: {reply.detail}")
-        if reply.truncated and not self.config.accept_truncated:
-            return "", self.reject(
-                sample_id,
-                "caption_truncated",
-                f"{which} hit max_new_tokens={self.config.max_new_tokens} without ending: "
-                f"{reply.text[:200]!r}",
-            )
-        text = " ".join(reply.text.split()).strip("\"' ")
-        if not text:
-            return "", self.reject(sample_id, "caption_empty", f"{which} is empty")
-        return text, None

@@ -17,12 +17,28 @@ from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, T
 from datagen import __version__
 from datagen.review_cli import review_app
 
+
+class _Commands(typer.core.TyperGroup):
+    """The commands, with `build` made only when asked for: its options come from the
+    build's settings (datagen/settings.py), whose stage modules `datagen filter` never needs
+    to import."""
+
+    def list_commands(self, ctx) -> list[str]:
+        return sorted({*super().list_commands(ctx), "build"})
+
+    def get_command(self, ctx, name: str):
+        if name == "build":
+            return _build_click_command()
+        return super().get_command(ctx, name)
+
+
 app = typer.Typer(
     name="datagen",
     help="Paired video stylization training data: build, inspect, validate and filter shards.",
     no_args_is_help=True,
     add_completion=False,
     pretty_exceptions_enable=False,
+    cls=_Commands,
 )
 out = Console(soft_wrap=True)
 err = Console(stderr=True, soft_wrap=True)
@@ -328,11 +344,15 @@ def _build_signature():
     return inspect.Signature(fixed + options)
 
 
-_build_command.__signature__ = _build_signature()
-_build_command.__annotations__ = {
-    p.name: p.annotation for p in _build_command.__signature__.parameters.values()
-}
-app.command("build")(_build_command)
+def _build_click_command():
+    """`datagen build` as a click command, its options generated from the settings."""
+    _build_command.__signature__ = _build_signature()
+    _build_command.__annotations__ = {
+        p.name: p.annotation for p in _build_command.__signature__.parameters.values()
+    }
+    build = typer.Typer(add_completion=False, pretty_exceptions_enable=False)
+    build.command("build")(_build_command)
+    return typer.main.get_command(build)
 
 
 models_app = typer.Typer(

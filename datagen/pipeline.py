@@ -46,7 +46,7 @@ from datagen.styles import load_style_library
 from datagen.video import ClipSpec, VideoError, encode_mp4, read_clip
 from datagen.workdir import ShardWork
 
-STAGES = ("control", "stylize", "animate", "caption", "score", "judge")
+STAGES = ("control", "describe", "stylize", "animate", "caption", "score", "judge")
 
 
 def check_key_blocks(config: BuildConfig) -> None:
@@ -138,7 +138,7 @@ def stage_config(name: str, c: BuildConfig) -> Any:
             steps=c.default("animate_steps"),
             **settings,
         )
-    if name in ("caption", "judge"):
+    if name in ("describe", "caption", "judge"):
         backend: dict[str, Any] = {
             "backend": c.caption_backend,
             "profile": c.profile,
@@ -148,6 +148,14 @@ def stage_config(name: str, c: BuildConfig) -> Any:
         }
         if c.caption_backend == "openai":
             backend |= vlm_server(c) | {"api_key_block": c.vlm_api_key_block}
+        if name == "describe":
+            from datagen.describe import DescribeConfig
+
+            return DescribeConfig(
+                **backend,
+                max_new_tokens=c.default("describe_max_new_tokens"),
+                accept_truncated=c.profile == "tiny",
+            )
         if name == "caption":
             from datagen.caption import CaptionConfig
 
@@ -200,6 +208,10 @@ class _StageFactory:
             from datagen.animate import AnimateStage
 
             return AnimateStage(config)
+        if self.name == "describe":
+            from datagen.describe import DescribeStage
+
+            return DescribeStage(config)
         if self.name == "caption":
             from datagen.caption import CaptionStage
 
@@ -360,6 +372,33 @@ def run_control(work: ShardWork, config: BuildConfig, runner: StageRunner) -> St
     return _run(work, "control", runner, _batched(inputs(), config.batch_size), save, report)
 
 
+def run_describe(work: ShardWork, config: BuildConfig, runner: StageRunner) -> StageReport:
+    """Say what each clip shows, content only, from its raw first and reference frames: the
+    stylize and animate prompts start with it."""
+    from datagen.describe import DescribeInput
+
+    pending = work.pending("describe")
+    report = StageReport("describe", work.shard, skipped=len(work.samples()) - len(pending))
+    clip = config.clip_settings()
+    # first frame + K reference frames spread over the clip: K + 1 frames over its duration
+    fps = clip.fps * (config.k_refs + 1) / clip.num_frames
+
+    def inputs() -> Iterator[DescribeInput]:
+        for sample in pending:
+            frames = [work.image("control", sample.sample_id, "first")]
+            frames += work.images("control", sample.sample_id, "refs")
+            yield DescribeInput(sample.sample_id, np.stack(frames), fps)
+
+    def save(output) -> None:
+        work.save(
+            "describe",
+            output.sample_id,
+            values={"content": output.content, "attempts": output.attempts},
+        )
+
+    return _run(work, "describe", runner, _batched(inputs(), config.batch_size), save, report)
+
+
 def run_stylize(work: ShardWork, config: BuildConfig, runner: StageRunner) -> StageReport:
     """Stylize the first frame and the K reference frames under their depth maps (made by the
     control stage for these frames, whatever the control kind the pair is animated under)."""
@@ -379,6 +418,7 @@ def run_stylize(work: ShardWork, config: BuildConfig, runner: StageRunner) -> St
                 work.images("control", sample.sample_id, "stylize_control"),
                 library.get(sample.style_id),
                 sample.seed,
+                content=work.values("describe", sample.sample_id)["content"],
             )
 
     def save(output) -> None:
@@ -411,7 +451,7 @@ def run_animate(work: ShardWork, config: BuildConfig, runner: StageRunner) -> St
                 stylized_first_frame=work.image("stylize", sample.sample_id, "stylized_first"),
                 control_frames=work.video("control", sample.sample_id, "control"),
                 control_sha256=work.values("control", sample.sample_id)["sha256"],
-                prompt=config.animate_prompt,
+                prompt=animate_prompt(work.values("describe", sample.sample_id)["content"], config),
                 seed=sample.seed,
             )
 
@@ -513,8 +553,16 @@ def run_judge(work: ShardWork, config: BuildConfig, runner: StageRunner) -> Stag
     return _run(work, "judge", runner, _batched(inputs(), config.batch_size), save, report)
 
 
+def animate_prompt(content: str, config: BuildConfig) -> str:
+    """The prompt both members are animated with: what the clip shows, then the quality words
+    (content only, so it fits the raw and the stylized member alike)."""
+    content = content.strip().rstrip(".")
+    return f"{content}, {config.animate_prompt}" if content else config.animate_prompt
+
+
 STAGE_FUNCTIONS = {
     "control": run_control,
+    "describe": run_describe,
     "stylize": run_stylize,
     "animate": run_animate,
     "caption": run_caption,
@@ -646,6 +694,7 @@ def _assemble_row(
     params = {
         "clip": {"source_start": sample.clip_start, **asdict(settings)},
         "control": {"kind": control["kind"], **provenance.get("control", {}).get("params", {})},
+        "describe": work.values("describe", sid),
         "stylize": {"prompt": stylize_values["prompt"], **stylize_values.get("params", {})},
         "animate": work.values("animate", sid)["conditions"],
         "caption": {"attempts": caption["attempts"]},

@@ -33,7 +33,9 @@ from pathlib import Path
 from typing import Any, Literal
 
 from datagen.api_keys import check_key_source
+from datagen.caption import CAPTION_MAX_NEW_TOKENS, caption_token_budget
 from datagen.control import CONTROL_KINDS
+from datagen.describe import CONTENT_MAX_WORDS
 from datagen.stylize import INSTANTSTYLE_BLOCKS
 
 PROFILES = ("tiny", "production")
@@ -58,6 +60,7 @@ PROFILE_DEFAULTS = {
         "animate_steps": 2,
         "stylize_resolution": 64,
         "caption_max_new_tokens": 24,
+        "describe_max_new_tokens": 16,
         # the VLM sees the 64x64 frames at most doubled, not upscaled to production's size
         "vlm_max_pixels": 112 * 112,
     },
@@ -69,7 +72,8 @@ PROFILE_DEFAULTS = {
         "stylize_steps": 30,
         "animate_steps": 50,
         "stylize_resolution": 1024,
-        "caption_max_new_tokens": 160,
+        "caption_max_new_tokens": CAPTION_MAX_NEW_TOKENS,  # a 120-word caption_sty fits
+        "describe_max_new_tokens": caption_token_budget(CONTENT_MAX_WORDS),
         "vlm_max_pixels": 448 * 448,
     },
 }
@@ -132,6 +136,11 @@ class BuildConfig:
     control_kind: str = setting(
         "depth", "Control video the pair is animated under.", choices=CONTROL_KINDS
     )
+    dwpose_resolution: int | None = setting(
+        None,
+        "dwpose: the frame size the pose detector works at (stage default 1024, VACE's).",
+        stage=("control", "dwpose_resolution"),
+    )
     csd_threshold: float = setting(
         0.5,
         "CT keeps csd_score > this (DreamStyle's 0.5).",
@@ -193,6 +202,9 @@ class BuildConfig:
     )
     caption_max_new_tokens: int | None = setting(
         None, "Token budget of a caption (profile default)."
+    )
+    describe_max_new_tokens: int | None = setting(
+        None, "Token budget of the content sentence before stylize (profile default)."
     )
     vlm_max_pixels: int | None = setting(
         None, "Largest frame the VLM sees, in pixels (profile default)."

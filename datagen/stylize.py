@@ -251,6 +251,9 @@ class StylizeConfig:
             }
         return {
             "backend": "sdxl",
+            # what the ControlNet is fed: depth maps, what diffusers/controlnet-depth-sdxl-1.0
+            # was trained on, whatever control kind animates the pair (datagen/control.py)
+            "controlnet_condition": "depth",
             "num_style_refs": self.num_style_refs,
             "steps": self.steps,
             "guidance_scale": self.guidance_scale,

@@ -138,7 +138,7 @@ def test_build_ct_local_deployment_runs_on_a_local_server_and_worker(stack):
     assert state["state"]["type"] == "COMPLETED"
     tasks = stack.api("POST", "/task_runs/filter", {"flow_runs": {"id": {"any_": [flow_run.id]}}})
     names = {t["name"] for t in tasks}
-    for stage in ("control", "stylize", "animate", "caption", "score", "write"):
+    for stage in ("control", "describe", "stylize", "animate", "caption", "score", "write"):
         assert {f"{stage}-shard-00000", f"{stage}-shard-00001"} <= names, sorted(names)
     assert all(t["state"]["type"] == "COMPLETED" for t in tasks)
     artifacts = stack.api(

@@ -43,7 +43,7 @@ def test_build_ct_on_ray_then_rerun_adds_nothing(prefect_env, sources, tmp_path_
     assert summary["written"] == 4 and summary["failed_shards"] == []
     # every model loaded exactly once for the whole run, in its Ray actor
     assert summary["model_loads"] == {
-        s: 1 for s in ("control", "stylize", "animate", "caption", "score")
+        s: 1 for s in ("control", "describe", "stylize", "animate", "caption", "score")
     }
     report = validate_dataset(out / "ct")
     assert report.ok and report.rows == 4, [str(v) for v in report.violations]

@@ -217,7 +217,7 @@ def test_a_build_gives_its_stage_timeout_to_every_stage_pool(ray_local, tmp_path
     )
     with stage_runners(config, use_ray=True):
         pass
-    assert set(handed) == {"control", "stylize", "animate", "caption", "score"}
+    assert set(handed) == {"control", "describe", "stylize", "animate", "caption", "score"}
     assert {options["call_timeout_s"] for options in handed.values()} == {123.0}
 
 

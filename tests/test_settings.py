@@ -74,6 +74,7 @@ def test_stage_settings_reach_the_stage_configs(clips, tmp_path):
         "animate_guidance_scale": 4.0,
         "flow_shift": 12.0,
         "animate_conditioning_scale": 0.9,
+        "dwpose_resolution": 512,
     }
     mapped = {f.name for f in dataclasses.fields(BuildConfig) if f.metadata["stage"]}
     assert mapped == set(values), "every stage setting is exercised here"

@@ -20,7 +20,7 @@ from datagen.samples import SAMPLE_CLIPS, write_samples
 
 CHROMIUM = shutil.which("chromium") or "/usr/bin/chromium"
 CHROMEDRIVER = shutil.which("chromedriver") or "/usr/bin/chromedriver"
-STAGES = ("control", "stylize", "animate", "caption", "score", "write")
+STAGES = ("control", "describe", "stylize", "animate", "caption", "score", "write")
 SAMPLES = 2
 
 pytestmark = [
@@ -192,7 +192,7 @@ def test_summary_artifact_renders_its_markdown(finished_run, browser, shots):
     subheadings = {h.text for h in browser.find_elements(By.TAG_NAME, "h2")}
     assert {"Stages", "Rejects by reason", "CSD score histogram"} <= subheadings
     cells = {td.text for td in browser.find_elements(By.TAG_NAME, "td")}
-    assert {"control", "stylize", "animate", "caption", "score", "100%"} <= cells, cells
+    assert {"control", "describe", "stylize", "animate", "caption", "score", "100%"} <= cells, cells
     shots(browser, "summary")
 
 
