@@ -369,9 +369,16 @@ def models_tiny_command(
     ),
     only: list[str] = typer.Option(None, "--only", help="Build only these model keys."),
     force: bool = typer.Option(False, "--force", help="Rebuild twins that already exist."),
+    hub_cache: Path = typer.Option(
+        None,
+        "--hub-cache",
+        metavar="DIR",
+        help="Also place the twins in this Hugging Face hub cache ($HF_HOME/hub) under their "
+        "production hub ids, as `--profile production` finds real weights.",
+    ),
 ) -> None:
     """Build every tiny random-weight twin offline, deterministically, in hub folder layouts."""
-    from datagen.models import SOURCES, build_twin, default_tiny_dir
+    from datagen.models import SOURCES, build_twin, default_tiny_dir, install_twins_in_hub_cache
 
     root = directory or default_tiny_dir()
     keys = only or list(SOURCES)
@@ -381,6 +388,9 @@ def models_tiny_command(
     for key in keys:
         built = build_twin(key, root, force=force)
         say(f"{key:<24} {built.path}  {built.ref.revision}")
+    if hub_cache:
+        for key, snapshot in install_twins_in_hub_cache(hub_cache, root, keys).items():
+            say(f"{key:<24} {SOURCES[key].hub_id} -> {snapshot}")
 
 
 @models_app.command("check")

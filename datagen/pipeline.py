@@ -154,7 +154,7 @@ def stage_config(name: str, c: BuildConfig) -> Any:
             return DescribeConfig(
                 **backend,
                 max_new_tokens=c.default("describe_max_new_tokens"),
-                accept_truncated=c.profile == "tiny",
+                accept_truncated=c.default("vlm_accept_truncated"),
             )
         if name == "caption":
             from datagen.caption import CaptionConfig
@@ -162,8 +162,7 @@ def stage_config(name: str, c: BuildConfig) -> Any:
             return CaptionConfig(
                 **backend,
                 max_new_tokens=c.default("caption_max_new_tokens"),
-                # random-weight twins never end a sentence (see CaptionConfig)
-                accept_truncated=c.profile == "tiny",
+                accept_truncated=c.default("vlm_accept_truncated"),
             )
         from datagen.judge import JudgeConfig
 

@@ -61,6 +61,8 @@ PROFILE_DEFAULTS = {
         "stylize_resolution": 64,
         "caption_max_new_tokens": 24,
         "describe_max_new_tokens": 16,
+        # random-weight twins never end a sentence: their captions are kept cut off
+        "vlm_accept_truncated": True,
         # the VLM sees the 64x64 frames at most doubled, not upscaled to production's size
         "vlm_max_pixels": 112 * 112,
     },
@@ -74,6 +76,7 @@ PROFILE_DEFAULTS = {
         "stylize_resolution": 1024,
         "caption_max_new_tokens": CAPTION_MAX_NEW_TOKENS,  # a 120-word caption_sty fits
         "describe_max_new_tokens": caption_token_budget(CONTENT_MAX_WORDS),
+        "vlm_accept_truncated": False,
         "vlm_max_pixels": 448 * 448,
     },
 }
@@ -205,6 +208,9 @@ class BuildConfig:
     )
     describe_max_new_tokens: int | None = setting(
         None, "Token budget of the content sentence before stylize (profile default)."
+    )
+    vlm_accept_truncated: bool | None = setting(
+        None, "Keep captions cut off at their token budget instead of rejecting them."
     )
     vlm_max_pixels: int | None = setting(
         None, "Largest frame the VLM sees, in pixels (profile default)."

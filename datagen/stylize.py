@@ -376,10 +376,15 @@ class SdxlStylizer:
         )
 
         dtype = _torch_dtype(config.dtype, self.device)
-        controlnet = ControlNetModel.from_pretrained(controlnet_dir.path, dtype=dtype)
+        # variant: the fp16 weight files where the hub repo has them (datagen/models.py), so a
+        # production cache needs only those, not the fp32 copies too
+        controlnet = ControlNetModel.from_pretrained(
+            controlnet_dir.path, variant=controlnet_dir.variant, dtype=dtype
+        )
         pipe = StableDiffusionXLControlNetPipeline.from_pretrained(
             sdxl.path,
             controlnet=controlnet,
+            variant=sdxl.variant,
             dtype=dtype,
             add_watermarker=False,  # training data: no invisible watermark in the pixels
         )
