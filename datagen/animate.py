@@ -71,7 +71,7 @@ class AnimateConfig:
     height: int | None = None  # multiple of 16 (VAE x8 times patch 2)
     width: int | None = None
     steps: int | None = None
-    guidance_scale: float = 5.0  # 1.0 turns classifier-free guidance off
+    guidance_scale: float = 5.0  # Wan2.1 generate.py:242-245 (sample_guide_scale); 1.0 = no CFG
     negative_prompt: str = DEFAULT_NEGATIVE_PROMPT
     # VACE's sample shift: Wan2.1 generate.py:80-81 sets 16 for every "vace" task (3.0 there is
     # the I2V 480p value, generate.py:78-79), and VACE's own vace/vace_wan_inference.py:49-50

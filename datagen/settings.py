@@ -46,10 +46,11 @@ DEFAULT_ANIMATE_PROMPT = (
     "a high quality video with smooth, natural motion, consistent subjects and stable details"
 )
 # What each profile runs at when a setting is left unset. `tiny` is the embedded default:
-# random-weight twins, seconds per sample on a CPU. `production` follows the papers: 81 frames
-# of 480x832 at 16 fps and 50 sampling steps are Wan2.1's 480p defaults (Wan2.1
-# generate.py / wan/configs, `frame_num` 81, `sample_steps` 50 for t2v/vace); SDXL's 30 steps at
-# 1024 px are InstantStyle's (infer_style_controlnet.py:49).
+# random-weight twins, seconds per sample on a CPU. `production` follows the reference code:
+# Wan2.1 (Wan-Video/Wan2.1) generates 81 frames (generate.py:84-85) at 16 fps
+# (wan/configs/shared_config.py:18), 480x832 is its 480p size (wan/configs/__init__.py:33), and
+# its VACE/t2v default is 50 sampling steps (generate.py:71-72); SDXL runs 30 steps at 1024 px
+# as in InstantStyle's ControlNet example (infer_style_controlnet.py:49).
 PROFILE_DEFAULTS = {
     "tiny": {
         "num_frames": 9,
