@@ -351,7 +351,9 @@ def _build_click_command():
         p.name: p.annotation for p in _build_command.__signature__.parameters.values()
     }
     build = typer.Typer(add_completion=False, pretty_exceptions_enable=False)
-    build.command("build")(_build_command)
+    # the docstring's paragraphs, each on one line: the help text wraps them to the terminal
+    paragraphs = (" ".join(p.split()) for p in _build_command.__doc__.split("\n\n"))
+    build.command("build", help="\n\n".join(paragraphs))(_build_command)
     return typer.main.get_command(build)
 
 

@@ -24,7 +24,7 @@ import numpy as np
 
 from datagen.caption import CaptionConfig, WritingStage, caption_token_budget
 from datagen.stage import Reject, Resources
-from datagen.vlm import Turn, check_frames, load_prompt, prompt_sha256, sample_video
+from datagen.vlm import Turn, check_videos, load_prompt, prompt_sha256, sample_video
 
 # 25 words are about 35 CLIP tokens; with a style prompt of 20-30 tokens the stylize prompt
 # stays inside CLIP's 77-token window (SDXL truncates beyond it).
@@ -73,9 +73,7 @@ class DescribeStage(WritingStage[DescribeInput, DescribeOutput]):
         asked: dict[int, Turn] = {}
         question = self.prompt.substitute(max_words=CONTENT_MAX_WORDS)
         for i, item in enumerate(batch):
-            problem = check_frames(item.frames)
-            if problem is None and not (np.isfinite(item.fps) and item.fps > 0):
-                problem = f"fps must be > 0, got {item.fps}"
+            problem = check_videos(item.fps, item.frames)
             if problem:
                 results[i] = self.reject(item.sample_id, "bad_frames", problem)
                 continue

@@ -21,7 +21,7 @@ from datagen.vlm import (
     VLMConfig,
     VLMRequestError,
     VLMStage,
-    check_frames,
+    check_videos,
     load_prompt,
     prompt_sha256,
     sample_video,
@@ -110,9 +110,7 @@ class JudgeStage(VLMStage[JudgeInput, JudgeOutput]):
         results: dict[int, JudgeOutput | Reject] = {}
         conversations = {}
         for i, item in enumerate(batch):
-            problem = check_frames(item.raw_frames) or check_frames(item.stylized_frames)
-            if problem is None and not (np.isfinite(item.fps) and item.fps > 0):
-                problem = f"fps must be > 0, got {item.fps}"
+            problem = check_videos(item.fps, item.raw_frames, item.stylized_frames)
             if problem:
                 results[i] = self.reject(item.sample_id, "bad_frames", problem)
                 continue

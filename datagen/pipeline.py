@@ -11,6 +11,7 @@ step skips what is already done; rerunning the whole build skips committed and r
 
 from __future__ import annotations
 
+import importlib
 import json
 import re
 from collections import Counter
@@ -188,40 +189,27 @@ def stage_config_problems(config: BuildConfig) -> list[str]:
     return problems
 
 
+# Where each stage's class lives (imported when a stage is built: its module pulls in torch).
+STAGE_CLASSES = {
+    "control": "datagen.control:ControlStage",
+    "describe": "datagen.describe:DescribeStage",
+    "stylize": "datagen.stylize:StylizeStage",
+    "animate": "datagen.animate:AnimateStage",
+    "caption": "datagen.caption:CaptionStage",
+    "score": "datagen.score:ScoreStage",
+    "judge": "datagen.judge:JudgeStage",
+}
+
+
 @dataclass(frozen=True)
 class _StageFactory:
     name: str
     config: BuildConfig
 
     def __call__(self) -> Stage:
-        config = stage_config(self.name, self.config)
-        if self.name == "control":
-            from datagen.control import ControlStage
-
-            return ControlStage(config)
-        if self.name == "stylize":
-            from datagen.stylize import StylizeStage
-
-            return StylizeStage(config)
-        if self.name == "animate":
-            from datagen.animate import AnimateStage
-
-            return AnimateStage(config)
-        if self.name == "describe":
-            from datagen.describe import DescribeStage
-
-            return DescribeStage(config)
-        if self.name == "caption":
-            from datagen.caption import CaptionStage
-
-            return CaptionStage(config)
-        if self.name == "judge":
-            from datagen.judge import JudgeStage
-
-            return JudgeStage(config)
-        from datagen.score import ScoreStage
-
-        return ScoreStage(config)
+        module, class_name = STAGE_CLASSES[self.name].split(":")
+        stage_class = getattr(importlib.import_module(module), class_name)
+        return stage_class(stage_config(self.name, self.config))
 
 
 # --- plan ----------------------------------------------------------------------------------

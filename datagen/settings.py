@@ -364,8 +364,8 @@ class BuildConfig:
         """stage -> the Prefect Secret block it reads its API key from, for this run's stages
         that read one."""
         blocks = {}
-        if self.vlm_api_key_block is not None:
-            blocks["caption"] = self.vlm_api_key_block
+        if self.vlm_api_key_block is not None:  # every stage that talks to the VLM
+            blocks["caption"] = blocks["describe"] = self.vlm_api_key_block
             if self.vlm_judge:
                 blocks["judge"] = self.vlm_api_key_block
         if self.stylize_api_key_block is not None:

@@ -196,6 +196,17 @@ def check_frames(frames: Any) -> str | None:
     return None
 
 
+def check_videos(fps: float, *videos: Any) -> str | None:
+    """Why these videos (frames at `fps`) cannot be shown to the VLM, or None when they can."""
+    for frames in videos:
+        problem = check_frames(frames)
+        if problem:
+            return problem
+    if not (np.isfinite(fps) and fps > 0):
+        return f"fps must be > 0, got {fps}"
+    return None
+
+
 def sample_video(frames: np.ndarray, fps: float, num_frames: int) -> Video:
     """`num_frames` uniformly spaced frames (all of them if there are fewer), and their fps."""
     total = len(frames)

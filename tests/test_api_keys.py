@@ -445,7 +445,9 @@ def test_a_build_naming_a_missing_block_fails_before_any_work(prefect_api, clips
             use_ray=False,
         )
     message = str(missing.value)
-    assert message.startswith("caption: the Prefect Secret block 'no-vlm-key' does not exist")
+    assert message.startswith(
+        "caption and describe: the Prefect Secret block 'no-vlm-key' does not exist"
+    )
     assert "prefect block create secret" in message
     assert not out.exists(), "nothing planned, locked or written"
 

@@ -183,9 +183,14 @@ def test_stage_configs_name_the_key_blocks(sources, tmp_path):
         stylize_url="http://127.0.0.1:9/edit",
         stylize_api_key_block="edit-key",
     )
-    assert config.key_blocks() == {"caption": "vlm-key", "judge": "vlm-key", "stylize": "edit-key"}
+    assert config.key_blocks() == {
+        "caption": "vlm-key",
+        "describe": "vlm-key",
+        "judge": "vlm-key",
+        "stylize": "edit-key",
+    }
     stages = {name: factory() for name, factory in stage_factories(config).items()}
-    for name in ("caption", "judge"):
+    for name in ("describe", "caption", "judge"):
         vlm = stages[name].config
         assert (vlm.backend, vlm.base_url, vlm.model) == (
             "openai",
