@@ -553,7 +553,25 @@ def read_run_config(path: str | os.PathLike, split: str) -> dict[str, Any]:
     check_setting_names(values, split, where=f"run-config file {path}")
     if isinstance(values.get("styles"), str):
         values["styles"] = [values["styles"]]
-    return values
+    return typed_settings(values, where=f"run-config file {path}")
+
+
+def typed_settings(values: dict[str, Any], where: str) -> dict[str, Any]:
+    """The values as their settings' types (a TOML integer for a float setting, say), or an
+    error naming each setting whose value is of the wrong kind."""
+    import pydantic
+
+    fields = {f.name: f for f in dataclasses.fields(BuildConfig)}
+    typed, problems = {}, []
+    for name, value in values.items():
+        try:
+            typed[name] = pydantic.TypeAdapter(_setting_type(fields[name])).validate_python(value)
+        except pydantic.ValidationError as error:
+            reason = error.errors()[0]["msg"]
+            problems.append(f"{name} = {value!r}: {reason}")
+    if problems:
+        raise BuildConfigError(f"{where}: " + "; ".join(problems))
+    return typed
 
 
 def check_setting_names(values: dict[str, Any], split: str, where: str) -> None:

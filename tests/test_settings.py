@@ -124,6 +124,8 @@ def test_run_config_file_then_given_settings(clips, tmp_path):
     )
     config = build_config("ct", {"num_frames": 5, "shard_size": None}, run)
     assert (config.num_frames, config.shard_size, config.flow_shift) == (5, 3, 10.0)
+    run.write_text(run.read_text().replace("flow_shift = 10.0", "flow_shift = 12"))
+    assert build_config("ct", {}, run).flow_shift == 12.0  # a TOML integer for a float
     assert config.styles == ("ink_wash", "watercolor")
     assert build_config("ct", {}, run).num_frames == 9
 
@@ -136,6 +138,8 @@ def test_run_config_file_then_given_settings(clips, tmp_path):
         ("csd_threshold = 0.4\n", "'csd_threshold' is not a setting of sft builds"),
         ("split = 'ct'\n", "unknown setting 'split'"),
         ("num_frames = [\n", "run-config file"),
+        ("num_frames = 'nine'\n", "num_frames = 'nine': Input should be a valid integer"),
+        ("control_kind = 'edges'\n", "control_kind = 'edges': Input should be 'depth'"),
     ],
 )
 def test_run_config_file_refuses_unknown_keys_by_name(tmp_path, text, message):
