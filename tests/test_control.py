@@ -172,12 +172,14 @@ def test_pose_runs_the_openpose_body_model_at_clip_size(tiny_dir, depth_stage):
 @pytest.mark.slow
 def test_annotators_twin_holds_every_file_the_production_loader_needs(tiny_dir):
     from controlnet_aux.open_pose import OpenposeDetector
+    from controlnet_aux.open_pose.body import Body
 
     twin = build_twin("annotators", Path(tiny_dir)).path
     for name in SOURCES["annotators"].files:
         assert (twin / name).is_file(), name
-    detector = OpenposeDetector.from_pretrained(str(twin))  # body, hand and face nets
-    assert detector.hand_estimation is not None and detector.face_estimation is not None
+    # what the control stage loads: the body network only (no hands or faces are drawn)
+    assert SOURCES["annotators"].files == ("body_pose_model.pth",)
+    OpenposeDetector(Body(str(twin / "body_pose_model.pth")))
 
 
 # --- DWPose ---------------------------------------------------------------------------------
@@ -310,7 +312,15 @@ class _Recorder:
 
 @pytest.mark.parametrize("kind", [pytest.param("pose", marks=pytest.mark.slow), "dwpose"])
 def test_stylize_gets_depth_maps_whatever_the_control_kind(kind, tiny_dir, tmp_path):
-    from datagen.pipeline import BuildConfig, LocalRunner, plan_build, run_control, run_stylize
+    from datagen.pipeline import (
+        BuildConfig,
+        LocalRunner,
+        plan_build,
+        run_control,
+        run_describe,
+        run_stylize,
+        stage_factories,
+    )
     from datagen.samples import SAMPLE_CLIPS, write_samples
     from datagen.workdir import ShardWork
 
@@ -325,6 +335,7 @@ def test_stylize_gets_depth_maps_whatever_the_control_kind(kind, tiny_dir, tmp_p
     work = ShardWork(config.work_root, shard)
     stage = ControlStage(ControlConfig(kind=kind, tiny_dir=tiny_dir, pose_detect_resolution=128))
     assert run_control(work, config, LocalRunner(stage)).done == 1
+    assert run_describe(work, config, LocalRunner(stage_factories(config)["describe"]())).done
     recorder = _Recorder()
     run_stylize(work, config, recorder)
     (given,) = recorder.inputs

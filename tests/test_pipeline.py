@@ -216,9 +216,9 @@ def test_work_dir_key_is_unchanged_and_ignores_where_keys_come_from(monkeypatch,
     monkeypatch.chdir(tmp_path)
     (tmp_path / "clips").mkdir()
     default = BuildConfig(source="clips", out="out")
-    assert default.work_root.as_posix() == "out/_work/ct-fa33f7994052"
+    assert default.work_root.as_posix() == "out/_work/ct-314c50420554"
     monkeypatch.setattr("datagen.settings.RECIPE", 1)
-    assert default.work_root.as_posix() != "out/_work/ct-fa33f7994052"
+    assert default.work_root.as_posix() != "out/_work/ct-314c50420554"
     monkeypatch.undo()
     monkeypatch.chdir(tmp_path)
     servers = BuildConfig(
@@ -231,7 +231,7 @@ def test_work_dir_key_is_unchanged_and_ignores_where_keys_come_from(monkeypatch,
         stylize_backend="http",
         stylize_url="http://127.0.0.1:9/edit",
     )
-    assert servers.work_root.as_posix() == "out/_work/sft-6f05daf01e6b"
+    assert servers.work_root.as_posix() == "out/_work/sft-f593ae13d94e"
     with_blocks = dataclasses.replace(
         servers, vlm_api_key_block="vlm-key", stylize_api_key_block="edit-key"
     )

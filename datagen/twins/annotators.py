@@ -1,11 +1,11 @@
 """Tiny-profile twins of the pose annotators: OpenPose (lllyasviel/Annotators, controlnet-aux)
 and DWPose (yzd-v/DWPose, two ONNX models run through onnxruntime).
 
-OpenPose: the body, hand and face networks are fixed-size, so their twins are the real
-controlnet-aux architectures with random weights (stored in float16, about 160 MB in all), in
-the files `datagen.models.SOURCES["annotators"].files` requires. Checkpoints in that repository
-are saved without the first module-name component (`util.transfer` strips it back) except
-`facenet.pth`, which `Face` loads as is.
+OpenPose: the body network is fixed-size, so its twin is the real controlnet-aux architecture
+with random weights (stored in float16, about 100 MB), in the one file the control stage loads
+and `datagen.models.SOURCES["annotators"].files` requires (`body_pose_model.pth`; hands and
+faces are not drawn into the control video). Checkpoints in that repository are saved without
+the first module-name component (`util.transfer` strips it back).
 
 DWPose: the real models are a YOLOX-L person detector and the DW-LL whole-body pose model. Their
 twins are small random-weight graphs with the same input and output names, shapes and value
@@ -34,20 +34,13 @@ POSE_FILE = "dw-ll_ucoco_384.onnx"
 
 def build_annotators(target: Path) -> None:
     import torch
-    from controlnet_aux.open_pose.face import FaceNet
-    from controlnet_aux.open_pose.model import bodypose_model, handpose_model
+    from controlnet_aux.open_pose.model import bodypose_model
 
     torch.manual_seed(0)
-    for name, model, strip_first in (
-        ("body_pose_model.pth", bodypose_model(), True),
-        ("hand_pose_model.pth", handpose_model(), True),
-        ("facenet.pth", FaceNet(), False),
-    ):
-        state = {
-            (key.split(".", 1)[1] if strip_first else key): tensor.half()
-            for key, tensor in model.state_dict().items()
-        }
-        torch.save(state, target / name)
+    state = {
+        key.split(".", 1)[1]: tensor.half() for key, tensor in bodypose_model().state_dict().items()
+    }
+    torch.save(state, target / "body_pose_model.pth")
 
 
 def build_dwpose(target: Path) -> None:
