@@ -1,7 +1,7 @@
 """Time each model stage per sample and print its share of the pipeline's compute.
 
-Runs the real pipeline functions (plan -> control -> stylize -> animate -> caption -> score
-[-> judge] -> write) over demo clips with every stage in this process, and reads each stage's
+Runs the real pipeline functions (plan -> control -> describe -> stylize -> animate -> caption ->
+score [-> judge] -> write) over demo clips with every stage in this process, and reads each stage's
 own counters (model load time, compute time inside `Stage.__call__`). Tiny profile on a CPU by
 default; on a GPU machine pass `--profile production` (with the weights in the HF cache) or
 keep `tiny` and a larger `--height/--width/--frames` to see how the shares move.

@@ -1,6 +1,6 @@
 """The build pipeline as plain functions, one per (shard, stage): what the Prefect tasks call.
 
-    plan -> control -> stylize -> animate -> caption -> score [-> judge] -> write
+    plan -> control -> describe -> stylize -> animate -> caption -> score [-> judge] -> write
 
 Each stage function reads the shard's work directory (datagen/workdir.py), runs the samples that
 are still pending through a stage runner (a local Stage, or a Ray actor pool with the same

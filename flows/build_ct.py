@@ -1,6 +1,6 @@
 """Flow `build-ct`: the CT tier of paired video stylization data.
 
-    plan -> control -> stylize -> animate -> caption -> score [-> judge] -> write
+    plan -> control -> describe -> stylize -> animate -> caption -> score [-> judge] -> write
 
 CT keeps pairs with `csd_score > csd_threshold` (0.5 in the paper) and, when asked, a passing
 VLM verdict; the rest are recorded as rejects with their reason. The parameters are the build's
