@@ -190,7 +190,7 @@ SOURCES: dict[str, ModelSource] = {
         ModelSource(
             "qwen_vl",
             "Qwen/Qwen2.5-VL-7B-Instruct",
-            "caption and judge",
+            "describe, caption and judge",
             # AutoProcessor + Qwen2_5_VLForConditionalGeneration. The hub repository has
             # preprocessor_config.json and chat_template.json, the twin (transformers 5's
             # save_pretrained) processor_config.json and chat_template.jinja: both match.
