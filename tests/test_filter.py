@@ -269,7 +269,10 @@ def test_each_row_group_is_read_once_however_the_index_is_batched(dataset, tmp_p
     reads = []
     original = pq.ParquetFile.read_row_group
 
+    files = []  # held, so a closed file's id is never reused for another one
+
     def counting(self, group, *args, **kwargs):
+        files.append(self)
         reads.append((id(self), group))
         return original(self, group, *args, **kwargs)
 
