@@ -414,9 +414,13 @@ class BuildConfig:
         """Work files of this exact build (same settings and recipe -> same folder -> resume).
 
         Fields that cannot change the output (WORK_KEY_EXCLUDED) stay out of the key, so a
-        build resumes whichever block holds its key.
+        build resumes whichever block holds its key; so do unset (None) settings, so a setting
+        added in a later release leaves the keys of builds that do not set it as they were (a
+        changed default is a RECIPE bump).
         """
-        fields = {k: v for k, v in asdict(self).items() if k not in WORK_KEY_EXCLUDED}
+        fields = {
+            k: v for k, v in asdict(self).items() if k not in WORK_KEY_EXCLUDED and v is not None
+        }
         fields["recipe"] = RECIPE
         key = hashlib.sha256(json.dumps(fields, sort_keys=True).encode()).hexdigest()
         return Path(self.out) / "_work" / f"{self.split}-{key[:12]}"

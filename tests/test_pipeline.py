@@ -216,9 +216,9 @@ def test_work_dir_key_is_unchanged_and_ignores_where_keys_come_from(monkeypatch,
     monkeypatch.chdir(tmp_path)
     (tmp_path / "clips").mkdir()
     default = BuildConfig(source="clips", out="out")
-    assert default.work_root.as_posix() == "out/_work/ct-314c50420554"
+    assert default.work_root.as_posix() == "out/_work/ct-442c02e33ad0"
     monkeypatch.setattr("datagen.settings.RECIPE", 1)
-    assert default.work_root.as_posix() != "out/_work/ct-314c50420554"
+    assert default.work_root.as_posix() != "out/_work/ct-442c02e33ad0"
     monkeypatch.undo()
     monkeypatch.chdir(tmp_path)
     servers = BuildConfig(
@@ -231,7 +231,16 @@ def test_work_dir_key_is_unchanged_and_ignores_where_keys_come_from(monkeypatch,
         stylize_backend="http",
         stylize_url="http://127.0.0.1:9/edit",
     )
-    assert servers.work_root.as_posix() == "out/_work/sft-f593ae13d94e"
+    assert servers.work_root.as_posix() == "out/_work/sft-e0b488f1cc59"
+    # a setting added later, left unset, keeps the keys of builds that do not set it
+    from datagen.settings import setting
+
+    @dataclasses.dataclass(frozen=True)
+    class LaterRelease(BuildConfig):
+        added_later: int | None = setting(None, "a setting of a later release")
+
+    assert LaterRelease(source="clips", out="out").work_root == default.work_root
+    assert LaterRelease(source="clips", out="out", added_later=3).work_root != default.work_root
     with_blocks = dataclasses.replace(
         servers, vlm_api_key_block="vlm-key", stylize_api_key_block="edit-key"
     )
