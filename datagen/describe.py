@@ -31,6 +31,13 @@ from datagen.vlm import Turn, check_videos, load_prompt, prompt_sha256, sample_v
 CONTENT_MAX_WORDS = 25
 
 
+def content_first(content: str, rest: str) -> str:
+    """'<content>, <rest>': what the clip shows, then the rest of a prompt (the style words for
+    stylize, the quality words for animate); `rest` alone when there is no content."""
+    content = content.strip().rstrip(".")
+    return f"{content}, {rest}" if content else rest
+
+
 @dataclass(frozen=True)
 class DescribeConfig(CaptionConfig):
     """The caption stage's VLM settings, with the budget of a CONTENT_MAX_WORDS sentence."""

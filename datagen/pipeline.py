@@ -26,7 +26,6 @@ from datagen import __version__
 from datagen.api_keys import resolve_api_key
 from datagen.plan import ClipSettings, PlannedSample, plan_samples, ref_frame_indices, shards_of
 from datagen.settings import (  # noqa: F401  (BuildConfig and its error are the build's API)
-    PROFILE_DEFAULTS,
     BuildConfig,
     BuildConfigError,
     vlm_server,
@@ -543,8 +542,9 @@ def run_judge(work: ShardWork, config: BuildConfig, runner: StageRunner) -> Stag
 def animate_prompt(content: str, config: BuildConfig) -> str:
     """The prompt both members are animated with: what the clip shows, then the quality words
     (content only, so it fits the raw and the stylized member alike)."""
-    content = content.strip().rstrip(".")
-    return f"{content}, {config.animate_prompt}" if content else config.animate_prompt
+    from datagen.describe import content_first
+
+    return content_first(content, config.animate_prompt)
 
 
 STAGE_FUNCTIONS = {

@@ -22,6 +22,7 @@ from __future__ import annotations
 
 import dataclasses
 import difflib
+import functools
 import hashlib
 import inspect
 import json
@@ -262,10 +263,6 @@ class BuildConfig:
             problems.append(
                 f"profile must be one of {sorted(PROFILE_DEFAULTS)}, got {self.profile!r}"
             )
-        if self.control_kind not in CONTROL_KINDS:
-            problems.append(
-                f"control_kind must be one of {CONTROL_KINDS}, got {self.control_kind!r}"
-            )
         if not Path(self.source).exists():
             problems.append(f"source {self.source} does not exist")
         if self.limit is not None and self.limit < 0:
@@ -486,11 +483,16 @@ def split_problems(split: str, values: dict[str, Any]) -> list[str]:
     return problems
 
 
+@functools.cache
+def _type_hints() -> dict[str, Any]:
+    return typing.get_type_hints(BuildConfig)
+
+
 def _setting_type(field: dataclasses.Field) -> Any:
     """The type a flow parameter or an option of this setting takes; None means unset."""
     if field.metadata["choices"]:
         return Literal[field.metadata["choices"]] | None
-    hint = typing.get_type_hints(BuildConfig)[field.name]
+    hint = _type_hints()[field.name]
     if hint == tuple[str, ...]:
         return list[str] | None
     args = [a for a in typing.get_args(hint) if a is not type(None)]

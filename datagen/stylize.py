@@ -116,8 +116,9 @@ class StylizeInput:
 
 def stylize_prompt(content: str, style: Style) -> str:
     """'<content>, <style prompt>': what to draw, then how."""
-    content = content.strip().rstrip(".")
-    return f"{content}, {style.prompt}" if content else style.prompt
+    from datagen.describe import content_first
+
+    return content_first(content, style.prompt)
 
 
 @dataclass(frozen=True)
