@@ -232,6 +232,18 @@ def test_work_dir_key_is_unchanged_and_ignores_where_keys_come_from(monkeypatch,
         stylize_url="http://127.0.0.1:9/edit",
     )
     assert servers.work_root.as_posix() == "out/_work/sft-e0b488f1cc59"
+    tuned = BuildConfig(
+        source="clips",
+        out="out",
+        num_frames=9,
+        flow_shift=10.0,
+        styles=("ink_wash", "watercolor"),
+        csd_threshold=0.4,
+        control_kind="pose",
+        batch_size=2,
+        seed=7,
+    )
+    assert tuned.work_root.as_posix() == "out/_work/ct-934adec27a0c"
     # a setting added later, left unset, keeps the keys of builds that do not set it
     from datagen.settings import setting
 
