@@ -31,8 +31,8 @@ import pyarrow.parquet as pq
 ROOT = Path(__file__).resolve().parent.parent
 sys.path.insert(0, str(ROOT))
 
-from datagen.store import ShardWriter, read_index  # noqa: E402
-from datagen.testing import synthetic_table  # noqa: E402
+from datagen.data.dataset import ShardWriter, read_index  # noqa: E402
+from datagen.data.synthetic import synthetic_table  # noqa: E402
 
 DATAGEN = [sys.executable, "-m", "datagen.cli"]
 

@@ -4,7 +4,7 @@ Each command runs in a fresh process; its peak RSS comes from wait4. The filter 
 synthetic CT datasets of N and 10N rows (default 1 KB per video column); the build runs the tiny
 profile with every stage in the flow process (`--no-ray`, so one process holds everything) over
 M and 10M clip samples; `--compare-default-heap` repeats it with glibc's default malloc settings
-instead of datagen's bounded native heap (datagen/native_heap.py), as the peer. Flat means the
+instead of datagen's bounded native heap (datagen/core/native_heap.py), as the peer. Flat means the
 10x run's peak is within `--tolerance` of the small one.
 
     python bench/memory.py --rows 100000 --clips 8 [--only filter|build] [--compare-default-heap]
@@ -26,9 +26,9 @@ from pathlib import Path
 ROOT = Path(__file__).resolve().parent.parent
 sys.path.insert(0, str(ROOT))
 
-from datagen.samples import write_samples  # noqa: E402
-from datagen.store import ShardWriter  # noqa: E402
-from datagen.testing import synthetic_table  # noqa: E402
+from datagen.data.dataset import ShardWriter  # noqa: E402
+from datagen.data.demo_clips import write_samples  # noqa: E402
+from datagen.data.synthetic import synthetic_table  # noqa: E402
 
 DATAGEN = [sys.executable, "-m", "datagen.cli"]
 
@@ -78,7 +78,7 @@ def build_peaks(
     work: Path, clips: int, native_heap: str = "bounded", repeats: int = 3
 ) -> list[tuple[int, float]]:
     """Peak RSS of a tiny build of `clips` and 10x `clips` samples (4 per shard), the median of
-    `repeats` fresh builds, with the native heap bounded (datagen/native_heap.py) or left at
+    `repeats` fresh builds, with the native heap bounded (datagen/core/native_heap.py) or left at
     glibc's defaults. Each build must write every sample it was asked for."""
     sources = work / "sources"
     if not sources.exists():

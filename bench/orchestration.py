@@ -38,7 +38,7 @@ def main() -> None:
     os.environ.setdefault("PREFECT_SERVER_ANALYTICS_ENABLED", "false")
     os.environ.setdefault("RAY_USAGE_STATS_ENABLED", "0")
     from datagen.cli import _load_flow
-    from datagen.samples import write_samples
+    from datagen.data.demo_clips import write_samples
 
     try:
         write_samples(work / "sources")

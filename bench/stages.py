@@ -23,7 +23,7 @@ from pathlib import Path
 ROOT = Path(__file__).resolve().parent.parent
 sys.path.insert(0, str(ROOT))
 
-from datagen.pipeline import (  # noqa: E402
+from datagen.build.pipeline import (  # noqa: E402
     STAGE_FUNCTIONS,
     BuildConfig,
     LocalRunner,
@@ -32,8 +32,8 @@ from datagen.pipeline import (  # noqa: E402
     run_write,
     stage_factories,
 )
-from datagen.samples import write_samples  # noqa: E402
-from datagen.workdir import ShardWork  # noqa: E402
+from datagen.build.workdir import ShardWork  # noqa: E402
+from datagen.data.demo_clips import write_samples  # noqa: E402
 
 
 def main() -> None:

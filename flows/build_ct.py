@@ -4,11 +4,11 @@
 
 CT keeps pairs with `csd_score > csd_threshold` (0.5 in the paper) and, when asked, a passing
 VLM verdict; the rest are recorded as rejects with their reason. The parameters are the build's
-settings (datagen/settings.py, one definition for the flows, `datagen build` and run-config
+settings (datagen/build/settings.py, one definition for the flows, `datagen build` and run-config
 files); each may be left unset, and `config` names a run-config file (TOML) whose settings the
 given parameters override. Caption (and judge) may use an OpenAI-compatible VLM server
 (`caption_backend="openai"`), whose API key comes from $DATAGEN_VLM_API_KEY on the stage's
-worker or from the Prefect Secret block named by `vlm_api_key_block` (datagen/api_keys.py).
+worker or from the Prefect Secret block named by `vlm_api_key_block` (datagen/core/api_keys.py).
 Run it through a deployment (`prefect deployment run build-ct/local`) or directly
 (`datagen build ct ...`).
 """
@@ -17,8 +17,8 @@ from __future__ import annotations
 
 from prefect import flow
 
-from datagen.orchestrate import run_build
-from datagen.settings import build_config, flow_parameters
+from datagen.build.settings import build_config, flow_parameters
+from datagen.run.prefect import run_build
 
 
 @flow(name="build-ct", log_prints=True)

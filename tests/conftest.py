@@ -6,8 +6,8 @@ from pathlib import Path
 
 import pytest
 
-from datagen.store import RejectsWriter, ShardLimits, ShardWriter
-from datagen.testing import make_row
+from datagen.data.dataset import RejectsWriter, ShardLimits, ShardWriter
+from datagen.data.synthetic import make_row
 
 
 def write_dataset(

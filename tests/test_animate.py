@@ -9,7 +9,15 @@ import numpy as np
 import pytest
 import torch
 
-from datagen.animate import (
+from datagen.core.stage import Reject, Resources
+from datagen.models.registry import (
+    SOURCES,
+    MissingModelError,
+    build_twin,
+    directory_revision,
+)
+from datagen.models.twins.wan import build_wan_vace
+from datagen.stages.animate import (
     AnimateConfig,
     AnimateInput,
     AnimateOutput,
@@ -17,16 +25,8 @@ from datagen.animate import (
     batched_pipeline_class,
     to_uint8,
 )
-from datagen.control import control_sha256
-from datagen.models import (
-    SOURCES,
-    MissingModelError,
-    build_twin,
-    directory_revision,
-)
-from datagen.stage import Reject, Resources
-from datagen.twins.wan import build_wan_vace
-from datagen.validate import _check_provenance
+from datagen.stages.control import control_sha256
+from datagen.tools.validate import _check_provenance
 
 FRAMES, HEIGHT, WIDTH = 9, 64, 64
 PROMPT = "a person dancing in a park"

@@ -1,4 +1,4 @@
-"""API keys from Prefect Secret blocks (datagen/api_keys.py), against a real temporary Prefect
+"""API keys from Prefect Secret blocks (datagen/core/api_keys.py), against a real temporary Prefect
 server (`prefect_test_harness`, one per module) and the fake HTTP services: the key from the
 block is what reaches the service, and it appears in no repr, log, error, pickle or row params.
 """
@@ -19,26 +19,26 @@ from fake_image_edit_server import FakeImageEditServer, invert
 from fake_openai_server import FakeOpenAIServer, Reply
 from helpers import private_prefect
 
-from datagen.api_keys import (
+from datagen.build.pipeline import LocalRunner, collect_provenance
+from datagen.core.api_keys import (
     ApiKeyUnavailableError,
     SecretValue,
     check_key_source,
     describe_key_source,
     resolve_api_key,
 )
-from datagen.caption import CaptionConfig, CaptionInput, CaptionOutput, CaptionStage
-from datagen.judge import JudgeConfig, JudgeInput, JudgeOutput, JudgeStage
-from datagen.pipeline import LocalRunner, collect_provenance
-from datagen.stage import Resources, Stage
-from datagen.styles import Style
-from datagen.stylize import (
+from datagen.core.stage import Resources, Stage
+from datagen.data.styles import Style
+from datagen.stages.caption import CaptionConfig, CaptionInput, CaptionOutput, CaptionStage
+from datagen.stages.judge import JudgeConfig, JudgeInput, JudgeOutput, JudgeStage
+from datagen.stages.stylize import (
     IMAGE_EDIT_FAILED,
     StylizeConfig,
     StylizeInput,
     StylizeOutput,
     StylizeStage,
 )
-from datagen.vlm import VLMServerError
+from datagen.stages.vlm import VLMServerError
 
 TESTS = Path(__file__).resolve().parent
 
@@ -349,7 +349,7 @@ def test_stages_with_a_missing_block_fail_at_setup_naming_it(prefect_api):
 
 @pytest.fixture(scope="module")
 def clips(tmp_path_factory):
-    from datagen.samples import SAMPLE_CLIPS, write_samples
+    from datagen.data.demo_clips import SAMPLE_CLIPS, write_samples
 
     folder = tmp_path_factory.mktemp("clips")
     write_samples(folder, SAMPLE_CLIPS[:2])
@@ -404,7 +404,7 @@ def test_a_build_on_ray_reads_the_vlm_key_from_its_block_and_records_it_nowhere(
     output and no Prefect record (parameters, logs, artifacts). The caption stage's Ray actor
     is a process of its own, without this test's Prefect settings (PREFECT_API_URL is not in
     the environment): it reaches the block through the PREFECT_API_URL the build gives it."""
-    from datagen.validate import validate_dataset
+    from datagen.tools.validate import validate_dataset
 
     assert "PREFECT_API_URL" not in os.environ  # Ray's workers cannot inherit it
     out = tmp_path / "out"
@@ -473,8 +473,8 @@ class PrefectApiProbe(Stage):
 
 
 def test_stage_actors_get_the_prefect_api_of_the_flow(prefect_api):
-    from datagen.orchestrate import prefect_api_url
-    from datagen.ray_adapter import StagePool, init_ray, shutdown_ray
+    from datagen.run.prefect import prefect_api_url
+    from datagen.run.ray import StagePool, init_ray, shutdown_ray
 
     url = prefect_api_url()
     assert url.startswith("http://127.0.0.1:") and url.endswith("/api")

@@ -13,10 +13,10 @@ import pytest
 from fake_openai_server import FakeOpenAIServer, Reply, completion, error
 from PIL import Image
 
-from datagen.caption import CaptionConfig, CaptionInput, CaptionOutput, CaptionStage
-from datagen.models import MissingModelError, build_twin, directory_revision
-from datagen.stage import Reject
-from datagen.vlm import (
+from datagen.core.stage import Reject
+from datagen.models.registry import MissingModelError, build_twin, directory_revision
+from datagen.stages.caption import CaptionConfig, CaptionInput, CaptionOutput, CaptionStage
+from datagen.stages.vlm import (
     TransformersVLM,
     Turn,
     VLMReply,
@@ -379,12 +379,12 @@ def test_a_block_name_replaces_the_default_variable_in_config_and_params():
 def test_an_unset_key_variable_is_a_warning_and_no_source_is_silent(server, monkeypatch, caplog):
     server.script = lambda request: STY if is_sty(request) else CLEAN_NS
     monkeypatch.delenv(KEY_ENV, raising=False)
-    with caplog.at_level(logging.WARNING, logger="datagen.vlm"):
+    with caplog.at_level(logging.WARNING, logger="datagen.stages.vlm"):
         (unset,) = api_stage(server)([item()])
     assert isinstance(unset, CaptionOutput)
     assert f"{KEY_ENV} is not set" in caplog.text
     caplog.clear()
-    with caplog.at_level(logging.WARNING, logger="datagen.vlm"):
+    with caplog.at_level(logging.WARNING, logger="datagen.stages.vlm"):
         (open_server,) = api_stage(server, api_key_env=None)([item()])
     assert isinstance(open_server, CaptionOutput) and not caplog.records
     assert all("authorization" not in r.headers for r in server.requests)
@@ -410,7 +410,7 @@ def test_accept_truncated_keeps_cut_off_captions_for_the_tiny_profile(tmp_path_f
     """The tiny twin never ends a sentence; the tiny profile keeps its captions anyway."""
     import numpy as np
 
-    from datagen.caption import CaptionConfig, CaptionInput, CaptionOutput, CaptionStage
+    from datagen.stages.caption import CaptionConfig, CaptionInput, CaptionOutput, CaptionStage
 
     tiny = str(tmp_path_factory.mktemp("tiny-accept"))
     frames = np.random.default_rng(0).integers(0, 255, (5, 32, 32, 3), dtype=np.uint8)
@@ -426,7 +426,7 @@ def test_accept_truncated_keeps_cut_off_captions_for_the_tiny_profile(tmp_path_f
 
 
 def test_the_token_budget_derives_from_the_prompts_word_limits():
-    from datagen.caption import (
+    from datagen.stages.caption import (
         CAPTION_MAX_NEW_TOKENS,
         CAPTION_NS_MAX_WORDS,
         CAPTION_STY_MAX_WORDS,
@@ -449,7 +449,7 @@ def test_the_token_budget_derives_from_the_prompts_word_limits():
 
 
 def test_the_prompts_state_the_word_limits_and_ask_for_no_colours(server, keyed):
-    from datagen.caption import CAPTION_NS_MAX_WORDS, CAPTION_STY_MAX_WORDS
+    from datagen.stages.caption import CAPTION_NS_MAX_WORDS, CAPTION_STY_MAX_WORDS
 
     server.script = lambda request: (
         STY if is_sty(request) else CLEAN_NS if is_retry(request) else "A watercolor dog."
@@ -480,11 +480,11 @@ def test_the_prompts_state_the_word_limits_and_ask_for_no_colours(server, keyed)
 
 
 def test_a_budget_below_the_word_limits_is_a_warning(caplog):
-    with caplog.at_level(logging.WARNING, logger="datagen.caption"):
+    with caplog.at_level(logging.WARNING, logger="datagen.stages.caption"):
         CaptionStage(CaptionConfig(max_new_tokens=160))  # the old production value
     assert "max_new_tokens=160 is below the 233 tokens a 120-word caption" in caplog.text
     caplog.clear()
-    with caplog.at_level(logging.WARNING, logger="datagen.caption"):
+    with caplog.at_level(logging.WARNING, logger="datagen.stages.caption"):
         CaptionStage(CaptionConfig())
         CaptionStage(CaptionConfig(max_new_tokens=24, accept_truncated=True))  # tiny profile
     assert not caplog.records
@@ -494,7 +494,7 @@ def test_bare_colour_names_are_left_to_the_prompt_not_the_style_check():
     """A whole-word check cannot tell a colour a style changes from a name or a kind ("a red
     panda", "an orange", "the White House"); a hit costs a regeneration and, three times over,
     a sample whose video is already made. Colour treatment words stay checked."""
-    from datagen.style_vocab import load_style_vocabulary
+    from datagen.data.style_vocab import load_style_vocabulary
 
     vocabulary = load_style_vocabulary()
     assert vocabulary.find("A red panda eats an orange near the White House.") == []

@@ -11,7 +11,7 @@ import pytest
 from typer.testing import CliRunner
 
 from datagen.cli import app
-from datagen.store import read_index
+from datagen.data.dataset import read_index
 
 runner = CliRunner()
 
@@ -77,7 +77,7 @@ def test_validate_exit_codes(dataset, tmp_path):
     assert invoke("validate", dataset).exit_code == 0
     from conftest import write_dataset
 
-    from datagen.testing import make_row
+    from datagen.data.synthetic import make_row
 
     bad = make_row(1)
     bad["caption_ns"] = "an anime girl runs"
@@ -224,7 +224,7 @@ def test_build_options_with_choices_are_checked_by_the_command_line(monkeypatch,
 
 def test_build_reports_an_unreadable_key_block_in_one_line(monkeypatch, tmp_path):
     from datagen import cli
-    from datagen.api_keys import ApiKeyUnavailableError
+    from datagen.core.api_keys import ApiKeyUnavailableError
 
     def load(split: str):
         def flow(**parameters):

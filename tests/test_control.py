@@ -8,8 +8,10 @@ from pathlib import Path
 import numpy as np
 import pytest
 
-from datagen import dwpose
-from datagen.control import (
+from datagen.core.stage import Reject
+from datagen.models.registry import SOURCES, MissingModelError, build_twin
+from datagen.stages import dwpose
+from datagen.stages.control import (
     ControlConfig,
     ControlInput,
     ControlOutput,
@@ -18,8 +20,6 @@ from datagen.control import (
     normalize_depth,
     resize_maps,
 )
-from datagen.models import SOURCES, MissingModelError, build_twin
-from datagen.stage import Reject
 
 
 @pytest.fixture(scope="module")
@@ -312,7 +312,7 @@ class _Recorder:
 
 @pytest.mark.parametrize("kind", [pytest.param("pose", marks=pytest.mark.slow), "dwpose"])
 def test_stylize_gets_depth_maps_whatever_the_control_kind(kind, tiny_dir, tmp_path):
-    from datagen.pipeline import (
+    from datagen.build.pipeline import (
         BuildConfig,
         LocalRunner,
         plan_build,
@@ -321,8 +321,8 @@ def test_stylize_gets_depth_maps_whatever_the_control_kind(kind, tiny_dir, tmp_p
         run_stylize,
         stage_factories,
     )
-    from datagen.samples import SAMPLE_CLIPS, write_samples
-    from datagen.workdir import ShardWork
+    from datagen.build.workdir import ShardWork
+    from datagen.data.demo_clips import SAMPLE_CLIPS, write_samples
 
     write_samples(tmp_path / "src", SAMPLE_CLIPS[:1])
     config = BuildConfig(
@@ -342,7 +342,7 @@ def test_stylize_gets_depth_maps_whatever_the_control_kind(kind, tiny_dir, tmp_p
     (sample,) = work.samples()
     assert work.values("control", sample.sample_id)["stylize_control"] == "depth"
     control = work.video("control", sample.sample_id, "control")  # the skeletons
-    from datagen.plan import ref_frame_indices
+    from datagen.stages.plan import ref_frame_indices
 
     picked = [0, *ref_frame_indices(len(control), config.k_refs)]
     assert len(given.control_images) == len(given.frames) == config.k_refs + 1

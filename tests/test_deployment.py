@@ -19,8 +19,8 @@ import psutil
 import pytest
 from helpers import load_demo
 
-from datagen.samples import SAMPLE_CLIPS, write_samples
-from datagen.store import Dataset
+from datagen.data.dataset import Dataset
+from datagen.data.demo_clips import SAMPLE_CLIPS, write_samples
 
 REPO = Path(__file__).resolve().parent.parent
 DATAGEN = Path(sys.executable).parent / "datagen"

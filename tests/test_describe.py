@@ -6,17 +6,17 @@ import numpy as np
 import pytest
 from fake_openai_server import FakeOpenAIServer
 
-from datagen.caption import caption_token_budget
-from datagen.describe import (
+from datagen.core.stage import Reject
+from datagen.data.styles import load_style_library
+from datagen.stages.caption import caption_token_budget
+from datagen.stages.describe import (
     CONTENT_MAX_WORDS,
     DescribeConfig,
     DescribeInput,
     DescribeOutput,
     DescribeStage,
 )
-from datagen.stage import Reject
-from datagen.styles import load_style_library
-from datagen.stylize import stylize_prompt
+from datagen.stages.stylize import stylize_prompt
 
 KEY_ENV = "DATAGEN_TEST_VLM_KEY"
 CONTENT = "A man walks a dog along a beach."

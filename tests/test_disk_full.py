@@ -10,10 +10,10 @@ import pyarrow.parquet as pq
 import pytest
 from conftest import write_dataset
 
-from datagen.filtering import FilterCriteria, filter_dataset
-from datagen.pipeline import BuildConfig, BuildConfigError
-from datagen.store import Dataset, DatasetError, ShardLimits, ShardWriter, hidden_temporaries
-from datagen.testing import make_row, synthetic_table
+from datagen.build.pipeline import BuildConfig, BuildConfigError
+from datagen.data.dataset import Dataset, DatasetError, ShardLimits, ShardWriter, hidden_temporaries
+from datagen.data.synthetic import make_row, synthetic_table
+from datagen.tools.filter import FilterCriteria, filter_dataset
 
 
 def digest(path) -> dict:
@@ -93,7 +93,7 @@ def test_filter_into_a_full_disk_leaves_no_out_and_in_untouched(small_disk, tmp_
 
 
 def test_read_only_output_is_refused_before_any_work(small_disk, tmp_path):
-    from datagen.samples import SAMPLE_CLIPS, write_samples
+    from datagen.data.demo_clips import SAMPLE_CLIPS, write_samples
 
     write_samples(tmp_path / "src", SAMPLE_CLIPS[:1])
     subprocess.run(["mount", "-o", "remount,ro", str(small_disk)], check=True)

@@ -12,9 +12,7 @@ import pyarrow.parquet as pq
 import pytest
 from conftest import write_dataset
 
-from datagen.filtering import DROPPED_DIR, FilterCriteria, FilterError, filter_dataset
-from datagen.schema import SchemaError
-from datagen.store import (
+from datagen.data.dataset import (
     INDEX_DIR,
     REJECTS_DIR,
     Dataset,
@@ -24,7 +22,9 @@ from datagen.store import (
     read_index,
     read_rejects,
 )
-from datagen.testing import make_row
+from datagen.data.schema import SchemaError
+from datagen.data.synthetic import make_row
+from datagen.tools.filter import DROPPED_DIR, FilterCriteria, FilterError, filter_dataset
 
 
 def all_rows(path) -> pa.Table:

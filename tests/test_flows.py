@@ -7,9 +7,9 @@ from helpers import private_prefect
 from typer.testing import CliRunner
 
 from datagen.cli import _load_flow, app
-from datagen.samples import SAMPLE_CLIPS, write_samples
-from datagen.store import Dataset, list_shards
-from datagen.validate import validate_dataset
+from datagen.data.dataset import Dataset, list_shards
+from datagen.data.demo_clips import SAMPLE_CLIPS, write_samples
+from datagen.tools.validate import validate_dataset
 
 pytestmark = pytest.mark.slow
 

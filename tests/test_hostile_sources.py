@@ -9,7 +9,7 @@ from urllib.parse import unquote_to_bytes
 import pytest
 from helpers import make_hostile_sources
 
-from datagen.pipeline import (
+from datagen.build.pipeline import (
     STAGE_FUNCTIONS,
     BuildConfig,
     LocalRunner,
@@ -18,10 +18,10 @@ from datagen.pipeline import (
     run_write,
     stage_factories,
 )
-from datagen.store import Dataset, read_rejects
-from datagen.validate import validate_dataset
-from datagen.video import UnreadableVideoError, probe
-from datagen.workdir import ShardWork
+from datagen.build.workdir import ShardWork
+from datagen.data.dataset import Dataset, read_rejects
+from datagen.data.video import UnreadableVideoError, probe
+from datagen.tools.validate import validate_dataset
 
 pytestmark = pytest.mark.slow
 
@@ -65,8 +65,8 @@ def test_every_bad_input_is_a_specific_reject_and_the_good_ones_become_pairs(tmp
 PLAN_AS_AN_UNPRIVILEGED_USER = """
 import json, os, sys
 import av  # imported while still root: the interpreter's own files may be root-only
-from datagen.plan import ClipSettings, plan_samples
-from datagen.styles import load_style_library
+from datagen.stages.plan import ClipSettings, plan_samples
+from datagen.data.styles import load_style_library
 library = load_style_library()
 settings = ClipSettings(num_frames=8, height=64, width=96, fps=8.0)
 plan_samples(sys.argv[2], library, settings=settings)  # warm every lazy import

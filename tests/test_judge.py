@@ -8,7 +8,9 @@ import numpy as np
 import pytest
 from fake_openai_server import FakeOpenAIServer, completion, error
 
-from datagen.judge import (
+from datagen.core.stage import Reject
+from datagen.models.registry import MissingModelError
+from datagen.stages.judge import (
     JudgeConfig,
     JudgeInput,
     JudgeOutput,
@@ -16,8 +18,6 @@ from datagen.judge import (
     first_json_object,
     parse_answers,
 )
-from datagen.models import MissingModelError
-from datagen.stage import Reject
 
 PASS = '{"same_content_and_motion": "yes", "style_applied": "yes", "artifacts": "no"}'
 

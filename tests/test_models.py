@@ -12,7 +12,8 @@ import pytest
 from typer.testing import CliRunner
 
 from datagen.cli import app
-from datagen.models import (
+from datagen.core.stage import ModelRef
+from datagen.models.registry import (
     SOURCES,
     MissingModelError,
     build_all_twins,
@@ -27,7 +28,6 @@ from datagen.models import (
     twin_hub_files,
     with_variant,
 )
-from datagen.stage import ModelRef
 
 
 @pytest.fixture

@@ -1,4 +1,4 @@
-"""The bounded native heap (datagen/native_heap.py) is applied once per process, unless the
+"""The bounded native heap (datagen/core/native_heap.py) is applied once per process, unless the
 user tuned malloc themselves or opted out; each case runs in a fresh interpreter because the
 setting is per process and must come before threads allocate."""
 
@@ -16,7 +16,7 @@ pytestmark = pytest.mark.skipif(
 )
 
 PROBE = (
-    "from datagen.native_heap import bound_native_heap as b, trim_native_heap as t; "
+    "from datagen.core.native_heap import bound_native_heap as b, trim_native_heap as t; "
     "print(b(), b()); t()"  # trimming is safe whether or not the heap was bounded
 )
 
@@ -43,7 +43,7 @@ def test_opt_out():
 
 
 ARROW_PROBE = (
-    "import pyarrow; from datagen.native_heap import arrow_on_native_heap as a; "
+    "import pyarrow; from datagen.core.native_heap import arrow_on_native_heap as a; "
     "print(a(), pyarrow.default_memory_pool().backend_name)"
 )
 
@@ -73,7 +73,7 @@ def test_the_cli_applies_it_before_any_command(tmp_path):
     # the callback runs before every command, even one that then fails on its input
     code = (
         "import sys; from typer.testing import CliRunner; from datagen.cli import app; "
-        "from datagen import native_heap; "
+        "from datagen.core import native_heap; "
         "CliRunner().invoke(app, ['inspect', sys.argv[1]]); print(native_heap._applied)"
     )
     clean = {k: v for k, v in os.environ.items() if not k.startswith(("MALLOC_", "DATAGEN_"))}

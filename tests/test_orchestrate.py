@@ -6,9 +6,9 @@ from __future__ import annotations
 import threading
 from concurrent.futures import ThreadPoolExecutor
 
-from datagen.orchestrate import StageThread
-from datagen.pipeline import LocalRunner
-from datagen.stage import Resources, Stage
+from datagen.build.pipeline import LocalRunner
+from datagen.core.stage import Resources, Stage
+from datagen.run.prefect import StageThread
 
 
 class ThreadRecordingStage(Stage):

@@ -8,7 +8,7 @@ import json
 import pytest
 from helpers import make_bad_corpus
 
-from datagen.pipeline import (
+from datagen.build.pipeline import (
     STAGE_FUNCTIONS,
     BuildConfig,
     BuildConfigError,
@@ -18,10 +18,10 @@ from datagen.pipeline import (
     run_write,
     stage_factories,
 )
-from datagen.samples import SAMPLE_CLIPS, write_samples
-from datagen.store import Dataset, list_shards, read_rejects
-from datagen.validate import validate_dataset
-from datagen.workdir import ShardWork
+from datagen.build.workdir import ShardWork
+from datagen.data.dataset import Dataset, list_shards, read_rejects
+from datagen.data.demo_clips import SAMPLE_CLIPS, write_samples
+from datagen.tools.validate import validate_dataset
 
 pytestmark = pytest.mark.slow
 
@@ -217,7 +217,7 @@ def test_work_dir_key_is_unchanged_and_ignores_where_keys_come_from(monkeypatch,
     (tmp_path / "clips").mkdir()
     default = BuildConfig(source="clips", out="out")
     assert default.work_root.as_posix() == "out/_work/ct-442c02e33ad0"
-    monkeypatch.setattr("datagen.settings.RECIPE", 1)
+    monkeypatch.setattr("datagen.build.settings.RECIPE", 1)
     assert default.work_root.as_posix() != "out/_work/ct-442c02e33ad0"
     monkeypatch.undo()
     monkeypatch.chdir(tmp_path)
@@ -245,7 +245,7 @@ def test_work_dir_key_is_unchanged_and_ignores_where_keys_come_from(monkeypatch,
     )
     assert tuned.work_root.as_posix() == "out/_work/ct-934adec27a0c"
     # a setting added later, left unset, keeps the keys of builds that do not set it
-    from datagen.settings import setting
+    from datagen.build.settings import setting
 
     @dataclasses.dataclass(frozen=True)
     class LaterRelease(BuildConfig):

@@ -7,7 +7,10 @@ import os
 import pytest
 from helpers import make_bad_corpus
 
-from datagen.plan import (
+from datagen.data.demo_clips import SAMPLE_CLIPS, write_samples
+from datagen.data.styles import StyleLibraryError, load_style_library
+from datagen.data.video import probe
+from datagen.stages.plan import (
     ClipSettings,
     clip_starts,
     list_sources,
@@ -16,9 +19,6 @@ from datagen.plan import (
     shards_of,
     source_uri,
 )
-from datagen.samples import SAMPLE_CLIPS, write_samples
-from datagen.styles import StyleLibraryError, load_style_library
-from datagen.video import probe
 
 TINY = ClipSettings(num_frames=9, height=64, width=64, fps=8.0)
 
@@ -35,7 +35,7 @@ def test_demo_samples_are_real_moving_videos_of_varied_shapes(samples_dir):
     assert len(infos) == 3
     assert len({(i.width, i.height) for i in infos}) == 3
     assert len({i.num_frames for i in infos}) == 3
-    from datagen.video import decode_frames
+    from datagen.data.video import decode_frames
 
     frames = decode_frames(samples_dir / "astronaut_zoom_in.mp4", [0, 47])
     assert abs(frames[0].astype(int) - frames[1].astype(int)).mean() > 5, "the camera moves"

@@ -21,10 +21,10 @@ from helpers import private_prefect
 from typer.testing import CliRunner
 
 from datagen.cli import app
-from datagen.models import SOURCES
-from datagen.samples import SAMPLE_CLIPS, write_samples
-from datagen.store import Dataset
-from datagen.validate import validate_dataset
+from datagen.data.dataset import Dataset
+from datagen.data.demo_clips import SAMPLE_CLIPS, write_samples
+from datagen.models.registry import SOURCES
+from datagen.tools.validate import validate_dataset
 
 pytestmark = pytest.mark.slow
 

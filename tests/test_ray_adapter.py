@@ -7,8 +7,8 @@ from pathlib import Path
 
 import pytest
 
-from datagen.ray_adapter import StagePool, init_ray, ray_options, shutdown_ray
-from datagen.stage import Reject, Resources, Stage
+from datagen.core.stage import Reject, Resources, Stage
+from datagen.run.ray import StagePool, init_ray, ray_options, shutdown_ray
 
 
 class SquareStage(Stage):
@@ -196,10 +196,10 @@ def test_an_actor_that_dies_while_loading_is_started_again(ray_local, tmp_path):
 
 def test_a_build_gives_its_stage_timeout_to_every_stage_pool(ray_local, tmp_path, monkeypatch):
     # What a build hands each pool; the pool's own timeout behaviour is tested above.
-    import datagen.ray_adapter
-    from datagen.orchestrate import stage_runners
-    from datagen.pipeline import BuildConfig
-    from datagen.samples import write_samples
+    import datagen.run.ray
+    from datagen.build.pipeline import BuildConfig
+    from datagen.data.demo_clips import write_samples
+    from datagen.run.prefect import stage_runners
 
     handed: dict[str, dict] = {}
 
@@ -210,7 +210,7 @@ def test_a_build_gives_its_stage_timeout_to_every_stage_pool(ray_local, tmp_path
         def shutdown(self):
             pass
 
-    monkeypatch.setattr(datagen.ray_adapter, "StagePool", RecordingPool)
+    monkeypatch.setattr(datagen.run.ray, "StagePool", RecordingPool)
     write_samples(tmp_path / "sources")
     config = BuildConfig(
         source=str(tmp_path / "sources"), out=str(tmp_path / "out"), stage_timeout_s=123.0

@@ -23,7 +23,18 @@ import typer
 from fastapi.testclient import TestClient
 from typer.testing import CliRunner
 
-from datagen import review_cli
+from datagen.cli import review as review_cli
+from datagen.cli.review import review_app
+from datagen.data.dataset import (
+    Dataset,
+    DatasetError,
+    RejectsWriter,
+    ShardLimits,
+    ShardWriter,
+    read_rejects,
+)
+from datagen.data.synthetic import make_row
+from datagen.data.video import decode_mp4, decode_png
 from datagen.review import (
     REASONS,
     REVIEW_DIR,
@@ -39,18 +50,7 @@ from datagen.review import (
     review_markdown,
     review_url,
 )
-from datagen.review_cli import review_app
-from datagen.store import (
-    Dataset,
-    DatasetError,
-    RejectsWriter,
-    ShardLimits,
-    ShardWriter,
-    read_rejects,
-)
-from datagen.testing import make_row
-from datagen.validate import validate_dataset
-from datagen.video import decode_mp4, decode_png
+from datagen.tools.validate import validate_dataset
 
 CSD = [0.1, 0.2, 0.3, 0.4, 0.5, 0.6, 0.7, None]  # row 7 has no csd score
 
@@ -544,7 +544,7 @@ def test_cli_defaults_match_the_library():
 
 def test_cli_serve_as_a_process_answers_then_stops_on_ctrl_c(sft_dir):
     process = subprocess.Popen(
-        [sys.executable, "-m", "datagen.review_cli", str(sft_dir), "--port", "0"],
+        [sys.executable, "-m", "datagen.cli.review", str(sft_dir), "--port", "0"],
         stdout=subprocess.PIPE,
         stderr=subprocess.STDOUT,
         text=True,

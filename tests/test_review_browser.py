@@ -1,6 +1,6 @@
 """The review page in a real browser: headless Chromium from Debian's packages, via Selenium.
 
-Runs the app as a user does (`python -m datagen.review_cli SFT_DIR`, the same code as
+Runs the app as a user does (`python -m datagen.cli.review SFT_DIR`, the same code as
 `datagen review SFT_DIR`), checks that both H.264 videos play in sync and show real frames,
 accepts and rejects samples from the keyboard, resolves a conflict with another reviewer,
 reloads, and finalizes. Screenshots go to /tmp/datagen-review-*.png.
@@ -23,10 +23,10 @@ from pathlib import Path
 import httpx
 import pytest
 
+from datagen.data.dataset import Dataset, ShardLimits, ShardWriter, read_rejects
+from datagen.data.synthetic import make_row
 from datagen.review import journal_path
-from datagen.store import Dataset, ShardLimits, ShardWriter, read_rejects
-from datagen.testing import make_row
-from datagen.validate import validate_dataset
+from datagen.tools.validate import validate_dataset
 
 pytestmark = pytest.mark.slow
 
@@ -50,7 +50,7 @@ CHROME_FLAGS = [
 
 def run_cli(*args: str, **kwargs) -> subprocess.Popen:
     return subprocess.Popen(
-        [sys.executable, "-m", "datagen.review_cli", *args],
+        [sys.executable, "-m", "datagen.cli.review", *args],
         stdout=subprocess.PIPE,
         stderr=subprocess.STDOUT,
         text=True,

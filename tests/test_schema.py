@@ -8,10 +8,10 @@ import pyarrow as pa
 import pyarrow.parquet as pq
 import pytest
 
-from datagen import schema
-from datagen.resources import resource_dir
-from datagen.schema import SchemaError, check_schema, conform, table_schema
-from datagen.testing import make_row
+from datagen.core.package_data import package_data_dir
+from datagen.data import schema
+from datagen.data.schema import SchemaError, check_schema, conform, table_schema
+from datagen.data.synthetic import make_row
 
 REQUIRED_ROW_FIELDS = [
     "sample_id",
@@ -80,7 +80,7 @@ def test_sft_row_is_ct_plus_review_fields():
 
 
 def test_every_definition_file_loads_and_documents_its_fields():
-    for path in sorted(resource_dir("schemas").glob("*.json")):
+    for path in sorted(package_data_dir("schemas").glob("*.json")):
         definition = json.loads(path.read_text())
         loaded = table_schema(definition["name"], definition["version"])
         assert all(schema.describe(loaded).values()), path.name

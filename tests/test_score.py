@@ -15,8 +15,18 @@ import torch
 import torch.nn.functional as F
 from PIL import Image
 
-from datagen.models import MissingModelError, directory_revision
-from datagen.score import (
+from datagen.core.stage import Reject
+from datagen.models.registry import MissingModelError, directory_revision
+from datagen.models.twins.csd import (
+    CHECKPOINT_FILE,
+    TWIN_ARCH,
+    build_csd,
+    rename_globals,
+    save_as_numpy1,
+    training_args,
+)
+from datagen.models.twins.dinov2 import build_dinov2
+from datagen.stages.score import (
     CLIP_MEAN,
     CLIP_STD,
     REJECT_FRAME_COUNT_MISMATCH,
@@ -39,16 +49,6 @@ from datagen.score import (
     load_dinov2,
     sample_frame_indices,
 )
-from datagen.stage import Reject
-from datagen.twins.csd import (
-    CHECKPOINT_FILE,
-    TWIN_ARCH,
-    build_csd,
-    rename_globals,
-    save_as_numpy1,
-    training_args,
-)
-from datagen.twins.dinov2 import build_dinov2
 
 torch.set_num_threads(1)
 
@@ -252,7 +252,7 @@ def test_a_checkpoint_saved_the_official_way_loads_and_scores(
     got = csd_style_embeddings(model, images)
     assert torch.allclose(got, csd_style_embeddings(stage.model_csd, images), atol=1e-6)
     # The args come back as the numpy objects they were.
-    from datagen.score import read_csd_checkpoint
+    from datagen.stages.score import read_csd_checkpoint
 
     _, args = read_csd_checkpoint(path)
     assert type(args.lr) is np.float64 and args.lr == np.float64(0.003)

@@ -1,4 +1,4 @@
-"""The build's settings: one definition (datagen/settings.py) behind the flows' parameters,
+"""The build's settings: one definition (datagen/build/settings.py) behind the flows' parameters,
 `datagen build`'s options and run-config files, each setting reaching its stage."""
 
 from __future__ import annotations
@@ -9,20 +9,20 @@ import importlib.util
 import pytest
 from typer.testing import CliRunner
 
-from datagen.cli import app
-from datagen.pipeline import stage_config
-from datagen.resources import resource_dir
-from datagen.settings import (
+from datagen.build.pipeline import stage_config
+from datagen.build.settings import (
     BuildConfig,
     BuildConfigError,
     build_config,
     read_run_config,
     settings_fields,
 )
+from datagen.cli import app
+from datagen.core.package_data import package_data_dir
 
 
 def load_flow(split: str):
-    path = resource_dir("flows") / f"build_{split}.py"
+    path = package_data_dir("flows") / f"build_{split}.py"
     spec = importlib.util.spec_from_file_location(f"test_flow_{split}", path)
     module = importlib.util.module_from_spec(spec)
     spec.loader.exec_module(module)

@@ -14,8 +14,7 @@ import pyarrow.parquet as pq
 import pytest
 from conftest import write_dataset
 
-from datagen.schema import SchemaError
-from datagen.store import (
+from datagen.data.dataset import (
     INDEX_DIR,
     Dataset,
     DatasetError,
@@ -30,7 +29,8 @@ from datagen.store import (
     read_index,
     read_rejects,
 )
-from datagen.testing import make_row, synthetic_table
+from datagen.data.schema import SchemaError
+from datagen.data.synthetic import make_row, synthetic_table
 
 
 def shard_row_counts(path: Path) -> list[int]:
@@ -140,8 +140,8 @@ def test_rows_breaking_the_schema_are_refused_before_anything_is_written(tmp_pat
 
 SLOW_WRITER = """
 import sys, time
-from datagen.store import ShardLimits, ShardWriter
-from datagen.testing import synthetic_table
+from datagen.data.dataset import ShardLimits, ShardWriter
+from datagen.data.synthetic import synthetic_table
 limits = ShardLimits(max_rows=10**6, row_group_rows=20)
 with ShardWriter(sys.argv[1], "ct", run_id="victim", limits=limits) as writer:
     print("writing", flush=True)
@@ -245,11 +245,11 @@ def test_corrupt_foreign_and_mixed_shards_are_refused(tmp_path, dataset):
 
 
 def test_a_second_writer_is_refused_by_the_lock_with_the_holder_named(tmp_path):
-    from datagen.store import DatasetLock, DatasetLockedError
+    from datagen.data.dataset import DatasetLock, DatasetLockedError
 
     code = (
         "import sys, time\n"
-        "from datagen.store import DatasetLock\n"
+        "from datagen.data.dataset import DatasetLock\n"
         "with DatasetLock(sys.argv[1], purpose='build-ct'):\n"
         "    print('locked', flush=True)\n"
         "    time.sleep(60)\n"

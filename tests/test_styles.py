@@ -4,8 +4,8 @@ from __future__ import annotations
 
 import pytest
 
-from datagen.style_vocab import load_style_vocabulary
-from datagen.styles import StyleLibraryError, load_style_library, parse_style_library
+from datagen.data.style_vocab import load_style_vocabulary
+from datagen.data.styles import StyleLibraryError, load_style_library, parse_style_library
 
 EXPECTED = {
     "ink_wash",

@@ -15,9 +15,10 @@ import pytest
 from fake_image_edit_server import FAKE_API_KEY, invert
 from PIL import Image
 
-from datagen.models import MissingModelError, directory_revision, resolve
-from datagen.styles import Style, load_style_library
-from datagen.stylize import (
+from datagen.data.styles import Style, load_style_library
+from datagen.models.registry import MissingModelError, directory_revision, resolve
+from datagen.models.twins import sdxl as sdxl_twins
+from datagen.stages.stylize import (
     BAD_FRAME,
     CONTROL_SIZE_MISMATCH,
     DEFAULT_API_KEY_ENV,
@@ -31,7 +32,6 @@ from datagen.stylize import (
     StylizeStage,
     model_size,
 )
-from datagen.twins import sdxl as sdxl_twins
 
 H, W = 48, 80  # non-square and not a model size: outputs must come back at exactly this size
 K = 3

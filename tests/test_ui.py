@@ -16,7 +16,7 @@ from pathlib import Path
 import pytest
 from helpers import load_demo
 
-from datagen.samples import SAMPLE_CLIPS, write_samples
+from datagen.data.demo_clips import SAMPLE_CLIPS, write_samples
 
 CHROMIUM = shutil.which("chromium") or "/usr/bin/chromium"
 CHROMEDRIVER = shutil.which("chromedriver") or "/usr/bin/chromedriver"

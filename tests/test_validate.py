@@ -7,11 +7,11 @@ import json
 import pytest
 from conftest import write_dataset
 
-from datagen.store import INDEX_DIR, ShardLimits, list_shards
-from datagen.style_vocab import StyleVocabulary, load_style_vocabulary
-from datagen.testing import make_row
-from datagen.validate import validate_dataset
-from datagen.video import encode_mp4
+from datagen.data.dataset import INDEX_DIR, ShardLimits, list_shards
+from datagen.data.style_vocab import StyleVocabulary, load_style_vocabulary
+from datagen.data.synthetic import make_row
+from datagen.data.video import encode_mp4
+from datagen.tools.validate import validate_dataset
 
 
 def test_a_valid_dataset_passes_with_full_decoding(dataset):

@@ -6,8 +6,8 @@ import numpy as np
 import pytest
 from helpers import make_bad_corpus, moving_frames, write_video
 
-from datagen import video
-from datagen.video import ClipSpec
+from datagen.data import video
+from datagen.data.video import ClipSpec
 
 
 @pytest.fixture(scope="module")

@@ -1,0 +1,1 @@
+"""A build: its settings, the list of steps, work files, row assembly and write."""

@@ -1,0 +1,1 @@
+"""Where model weights come from: the registry (tiny | production) and the tiny twins."""

@@ -1,0 +1,1 @@
+"""Executors that run the steps: in-process, Ray actor pools, and Prefect orchestration."""

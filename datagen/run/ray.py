@@ -1,0 +1,245 @@
+"""The one place where stages meet Ray: actors that load a model once and serve many batches.
+
+Ray remote *functions* with `num_gpus > 0` default to `max_calls=1` (the worker exits after each
+call), so a model in a plain task would reload every time; each stage therefore lives in an
+actor (`StageActor`) that calls `Stage.setup()` once in its constructor. `StagePool` spreads
+batches over a stage's actors with a bound on batches in flight, so a slow stage applies
+backpressure instead of flooding the object store. Stage resources are translated to Ray
+options here and nowhere else.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import os
+import socket
+import time
+from collections import deque
+from collections.abc import Callable, Iterable, Iterator
+from typing import Any
+
+from datagen.core.stage import Reject, Resources, Stage, StageStats
+
+# A small machine's object store: Ray's default is 30% of RAM in /dev/shm.
+DEFAULT_OBJECT_STORE_BYTES = 1 * 2**30
+
+
+def ray_options(resources: Resources) -> dict[str, Any]:
+    """Ray actor options for a stage's declared resources."""
+    return {"num_gpus": resources.num_gpus, "num_cpus": resources.num_cpus}
+
+
+def init_ray(
+    address: str | None = None,
+    num_cpus: int | None = None,
+    object_store_bytes: int | None = None,
+    runtime_env: dict | None = None,
+) -> None:
+    """Connect to `address` / $RAY_ADDRESS (a cluster), or start a private local instance.
+
+    The local instance binds its dashboard to 127.0.0.1 (or runs without one), sends no usage
+    stats, and caps the object store so a laptop keeps its memory.
+    """
+    import ray
+
+    if ray.is_initialized():
+        return
+    os.environ.setdefault("RAY_USAGE_STATS_ENABLED", "0")
+    address = address or os.environ.get("RAY_ADDRESS")
+    if address:
+        ray.init(address=address, log_to_driver=True, runtime_env=runtime_env)
+        return
+    ray.init(
+        address="local",
+        num_cpus=num_cpus,
+        object_store_memory=object_store_bytes or DEFAULT_OBJECT_STORE_BYTES,
+        include_dashboard=False,
+        dashboard_host="127.0.0.1",
+        log_to_driver=True,
+        configure_logging=False,
+        runtime_env=runtime_env,
+    )
+
+
+def shutdown_ray() -> None:
+    import ray
+
+    if ray.is_initialized():
+        ray.shutdown()
+
+
+class StageActor:
+    """Holds one Stage: loads its model(s) once at construction, then serves batches."""
+
+    def __init__(self, factory: Callable[[], Stage], torch_threads: int | None = None):
+        from datagen.core.native_heap import arrow_on_native_heap
+
+        arrow_on_native_heap()  # before the model loads: see datagen/core/native_heap.py
+        if torch_threads:
+            import torch
+
+            torch.set_num_threads(torch_threads)  # actors sharing cores must not oversubscribe
+        self.stage = factory()
+        self.stage.setup()
+
+    def process(self, batch: list) -> list:
+        return self.stage(batch)
+
+    def stats(self) -> StageStats:
+        return self.stage.stats
+
+    def models(self) -> dict:
+        return self.stage.models()
+
+    def params(self) -> dict:
+        return self.stage.params()
+
+    def ready(self) -> tuple[str, int]:
+        """Answers once the model is loaded, with where this actor's process runs."""
+        return socket.gethostname(), os.getpid()
+
+
+class StagePool:
+    """A stage's actors and an ordered, backpressured `map` over batches.
+
+    Failure handling: an actor that dies mid-batch is replaced (its model loads again) and the
+    batch retried once; a second death of the same batch raises, for Prefect's task retry. A
+    call that exceeds `call_timeout_s` is a hung call: the actor is killed and replaced, and
+    the batch's samples come back as rejects with reason `stage_timeout`.
+    """
+
+    def __init__(
+        self,
+        factory: Callable[[], Stage],
+        resources: Resources,
+        size: int = 1,
+        max_in_flight: int | None = None,
+        torch_threads: int | None = None,
+        call_timeout_s: float | None = None,
+        name: str | None = None,
+        env: dict[str, str] | None = None,
+    ):
+        """`env`: environment variables of the actors' processes (Ray merges them with the
+        job's runtime_env); never a secret, as Ray keeps runtime_envs in its control store."""
+        import ray
+
+        if size < 1:
+            raise ValueError(f"pool size must be >= 1, got {size}")
+        self.size = size
+        self.max_in_flight = max_in_flight or 2 * size
+        if self.max_in_flight < 1:
+            raise ValueError("max_in_flight must be >= 1")
+        if call_timeout_s is not None and call_timeout_s <= 0:
+            raise ValueError("call_timeout_s must be > 0")
+        self.call_timeout_s = call_timeout_s
+        self.name = name or getattr(factory, "name", "stage")
+        options = ray_options(resources)
+        if env:
+            options["runtime_env"] = {"env_vars": dict(env)}
+        self._remote_class = ray.remote(StageActor).options(**options)
+        self._factory, self._torch_threads = factory, torch_threads
+        self.replacements = 0
+        self._processes: list[tuple[str, int]] = []  # every actor process ever started
+        self.actors = [self._start_actor() for _ in range(size)]
+        for index, actor in enumerate(self.actors):  # models are loaded once these answer
+            try:
+                self._processes.append(ray.get(actor.ready.remote()))
+            except ray.exceptions.RayActorError:
+                self._replace(index, actor)  # died while loading: one more try
+        self._next = 0
+
+    def _start_actor(self):
+        return self._remote_class.remote(self._factory, self._torch_threads)
+
+    def _replace(self, index: int, failed) -> None:
+        """Replace the actor at `index` if it is still the one that failed."""
+        import ray
+
+        if self.actors[index] is not failed:
+            return
+        with contextlib.suppress(Exception):
+            ray.kill(self.actors[index])
+        self.actors[index] = self._start_actor()
+        self._processes.append(ray.get(self.actors[index].ready.remote()))
+        self.replacements += 1
+
+    def map(self, batches: Iterable[list]) -> Iterator[list]:
+        """Process batches on the actors, yielding results in input order; at most
+        `max_in_flight` batches are submitted but not yet consumed."""
+        pending: deque = deque()
+        for batch in batches:
+            if len(pending) >= self.max_in_flight:
+                yield self._collect(*pending.popleft())
+            index = self._next % self.size
+            self._next += 1
+            actor = self.actors[index]
+            pending.append((batch, index, actor, actor.process.remote(batch)))
+        while pending:
+            yield self._collect(*pending.popleft())
+
+    def _collect(self, batch: list, index: int, actor, ref) -> list:
+        import ray
+        from ray.exceptions import GetTimeoutError, RayActorError
+
+        for attempt in (1, 2):
+            try:
+                return ray.get(ref, timeout=self.call_timeout_s)
+            except GetTimeoutError:
+                self._replace(index, actor)
+                return [
+                    Reject(
+                        getattr(item, "sample_id", repr(item)),
+                        self.name,
+                        "stage_timeout",
+                        f"no answer within {self.call_timeout_s:g} s",
+                    )
+                    for item in batch
+                ]
+            except RayActorError:
+                # batches queued on the same dead actor find it replaced already
+                self._replace(index, actor)
+                if attempt == 2:
+                    raise
+                actor = self.actors[index]
+                ref = actor.process.remote(batch)
+        raise AssertionError("unreachable")
+
+    def stats(self) -> list[StageStats]:
+        import ray
+
+        return ray.get([actor.stats.remote() for actor in self.actors])
+
+    def models(self) -> dict:
+        import ray
+
+        return ray.get(self.actors[0].models.remote())
+
+    def params(self) -> dict:
+        import ray
+
+        return ray.get(self.actors[0].params.remote())
+
+    def shutdown(self, wait_s: float = 15.0) -> None:
+        """Kill the actors and, for those on this machine, wait until their processes are
+        gone (ray.kill only asks), so a finished build leaves no process behind."""
+        import ray
+
+        for actor in self.actors:
+            with contextlib.suppress(Exception):
+                ray.kill(actor)
+        self.actors = []
+        here = socket.gethostname()
+        local = [pid for host, pid in self._processes if host == here]
+        deadline = time.monotonic() + wait_s
+        while any(_alive(pid) for pid in local) and time.monotonic() < deadline:
+            time.sleep(0.1)
+
+
+def _alive(pid: int) -> bool:
+    try:
+        os.kill(pid, 0)
+    except ProcessLookupError:
+        return False
+    except PermissionError:  # another user's process now holds the number
+        return False
+    return True

@@ -1,0 +1,1 @@
+"""One module per step of the method: its config, input, output and Stage."""

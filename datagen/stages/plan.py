@@ -1,0 +1,209 @@
+"""Plan stage: scan the source videos, cut clips, assign styles, derive deterministic ids.
+
+Nothing here loads a model. A source that cannot be used becomes a reject (stage `plan`) with
+the reason code of its `VideoError`; the plan goes on with the others. The same source files,
+parameters and seed always give the same samples and `sample_id`s, which is what makes reruns
+resume instead of duplicating.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import math
+import os
+from collections.abc import Iterator
+from dataclasses import dataclass, field
+from pathlib import Path
+from urllib.parse import quote
+
+from datagen.core.stage import Reject
+from datagen.data.styles import Style, StyleLibrary
+from datagen.data.video import (
+    ClipSpec,
+    UnsupportedDimensionsError,
+    VideoError,
+    clip_frame_indices,
+    probe,
+)
+
+VIDEO_SUFFIXES = {".mp4", ".mov", ".mkv", ".webm", ".avi", ".m4v", ".mpg", ".mpeg", ".ts"}
+
+
+@dataclass(frozen=True)
+class ClipSettings:
+    """The geometry every clip of a run is cut to (production: 81 frames, 480x832, 16 fps)."""
+
+    num_frames: int = 81
+    height: int = 480
+    width: int = 832
+    fps: float = 16.0
+    max_upscale: float = 2.0
+
+    def spec(self, start: int = 0) -> ClipSpec:
+        return ClipSpec(self.num_frames, self.height, self.width, self.fps, start, self.max_upscale)
+
+
+@dataclass(frozen=True)
+class PlannedSample:
+    """One sample to build: a clip of a source, a style and a seed."""
+
+    sample_id: str
+    source_uri: str
+    source_path: str
+    clip_start: int  # first source frame
+    num_frames: int
+    fps: float
+    height: int
+    width: int
+    style_id: str
+    seed: int
+
+
+@dataclass
+class Plan:
+    samples: list[PlannedSample] = field(default_factory=list)
+    rejects: list[tuple[str, Reject]] = field(default_factory=list)  # (source_uri, reject)
+
+
+def source_uri(path: Path) -> str:
+    """A file:// URI for any file name, including names that are not valid UTF-8."""
+    return "file://" + quote(os.fsencode(os.path.abspath(path)), safe="/")
+
+
+def list_sources(source: str | os.PathLike) -> list[Path]:
+    """Video files of a source: a directory (walked, symlinked dirs not followed, so a symlink
+    loop cannot trap the scan), a single video file, or a .txt file listing one path per line."""
+    source = Path(source)
+    if not source.exists():
+        raise FileNotFoundError(f"source {source} does not exist")
+    if source.is_file() and source.suffix == ".txt":
+        lines = source.read_text(encoding="utf-8").splitlines()
+        return [
+            Path(line.strip())
+            for line in lines
+            if line.strip() and not line.strip().startswith("#")
+        ]
+    if source.is_file():
+        return [source]
+    found = []
+    for root, dirs, files in os.walk(source, followlinks=False):
+        dirs.sort()
+        for name in sorted(files):
+            if Path(name).suffix.lower() in VIDEO_SUFFIXES and not name.startswith("."):
+                found.append(Path(root) / name)
+    return found
+
+
+def _digest(*parts: object) -> bytes:
+    return hashlib.sha256("|".join(str(p) for p in parts).encode()).digest()
+
+
+def clip_starts(
+    source_frames: int, source_fps: float, settings: ClipSettings, clips_per_video: int
+) -> list[int]:
+    """Evenly spaced start frames of up to `clips_per_video` clips that fit in the video."""
+    span = clip_frame_indices(10**12, source_fps, settings.spec())[-1] + 1
+    room = source_frames - span
+    if room < 0:
+        return []
+    count = min(clips_per_video, room + 1)
+    if count == 1:
+        return [0]
+    return sorted({round(i * room / (count - 1)) for i in range(count)})
+
+
+def assign_style(styles: list[Style], uri: str, start: int, seed: int) -> Style:
+    """A style per clip from a hash of (clip, seed): stable when sources are added or removed."""
+    index = int.from_bytes(_digest("style", uri, start, seed)[:8], "big") % len(styles)
+    return styles[index]
+
+
+def plan_samples(
+    source: str | os.PathLike,
+    library: StyleLibrary,
+    *,
+    style_ids: list[str] | None = None,
+    settings: ClipSettings | None = None,
+    clips_per_video: int = 1,
+    limit: int | None = None,
+    seed: int = 0,
+) -> Plan:
+    """Plan every sample of a run (see module docstring)."""
+    settings = settings or ClipSettings()
+    if clips_per_video < 1:
+        raise ValueError(f"clips_per_video must be >= 1, got {clips_per_video}")
+    if limit is not None and limit < 0:
+        raise ValueError(f"limit must be >= 0, got {limit}")
+    styles = library.select(style_ids)
+    plan = Plan()
+    for path in list_sources(source):
+        if limit is not None and len(plan.samples) >= limit:
+            break
+        uri = source_uri(path)
+        try:
+            info = probe(path)
+            scale = max(settings.width / info.width, settings.height / info.height)
+            if scale > settings.max_upscale:
+                raise UnsupportedDimensionsError(
+                    path,
+                    f"source {info.width}x{info.height} would need {scale:.2f}x "
+                    f"upscaling to cover {settings.width}x{settings.height}",
+                )
+            starts = clip_starts(info.num_frames, info.fps, settings, clips_per_video)
+            if not starts:
+                clip_frame_indices(info.num_frames, info.fps, settings.spec())  # raises
+        except VideoError as error:
+            reject_id = "src-" + _digest("source", uri).hex()[:16]
+            plan.rejects.append((uri, Reject(reject_id, "plan", error.reason, error.detail)))
+            continue
+        for start in starts:
+            if limit is not None and len(plan.samples) >= limit:
+                break
+            style = assign_style(styles, uri, start, seed)
+            key = (
+                uri,
+                os.path.getsize(path),
+                start,
+                settings.num_frames,
+                settings.fps,
+                settings.height,
+                settings.width,
+                style.id,
+                seed,
+            )
+            digest = _digest(*key)
+            plan.samples.append(
+                PlannedSample(
+                    sample_id=digest.hex()[:24],
+                    source_uri=uri,
+                    source_path=os.fsdecode(os.path.abspath(path)),
+                    clip_start=start,
+                    num_frames=settings.num_frames,
+                    fps=settings.fps,
+                    height=settings.height,
+                    width=settings.width,
+                    style_id=style.id,
+                    seed=int.from_bytes(digest[12:20], "big") & (2**63 - 1),
+                )
+            )
+    return plan
+
+
+def shards_of(samples: list[PlannedSample], shard_size: int) -> Iterator[list[PlannedSample]]:
+    """Consecutive groups of `shard_size` samples (the unit of a Prefect task)."""
+    if shard_size < 1:
+        raise ValueError(f"shard_size must be >= 1, got {shard_size}")
+    for start in range(0, len(samples), shard_size):
+        yield samples[start : start + shard_size]
+
+
+def ref_frame_indices(num_frames: int, k: int) -> list[int]:
+    """Clip frames whose stylizations become the K style references: evenly spread after the
+    first frame (which is stylized separately as the conditioning image)."""
+    if k < 0:
+        raise ValueError(f"k must be >= 0, got {k}")
+    if num_frames < 2:
+        return [0] * k
+    return [
+        max(1, min(num_frames - 1, math.floor((i + 1) * num_frames / (k + 1)))) for i in range(k)
+    ]

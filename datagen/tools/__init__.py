@@ -1,0 +1,1 @@
+"""Dataset tools: filter, inspect, validate, audit. No torch, Prefect or Ray."""
