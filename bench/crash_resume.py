@@ -31,7 +31,7 @@ from pathlib import Path
 ROOT = Path(__file__).resolve().parent.parent
 sys.path.insert(0, str(ROOT))
 
-from datagen.build.pipeline import BuildConfig  # noqa: E402
+from datagen.build.settings import BuildConfig  # noqa: E402
 from datagen.data.dataset import hidden_temporaries  # noqa: E402
 from datagen.data.demo_clips import SAMPLE_CLIPS, write_samples  # noqa: E402
 from datagen.tools.audit import audit_build  # noqa: E402

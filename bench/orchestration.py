@@ -37,13 +37,13 @@ def main() -> None:
     os.environ.setdefault("PREFECT_HOME", str(work / "prefect"))
     os.environ.setdefault("PREFECT_SERVER_ANALYTICS_ENABLED", "false")
     os.environ.setdefault("RAY_USAGE_STATS_ENABLED", "0")
-    from datagen.cli import _load_flow
+    from datagen.cli.build import load_flow
     from datagen.data.demo_clips import write_samples
 
     try:
         write_samples(work / "sources")
         started = time.perf_counter()
-        summary = _load_flow("ct")(
+        summary = load_flow("ct")(
             source=str(work / "sources"),
             out=str(work / "out"),
             limit=args.clips,

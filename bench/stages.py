@@ -23,17 +23,16 @@ from pathlib import Path
 ROOT = Path(__file__).resolve().parent.parent
 sys.path.insert(0, str(ROOT))
 
-from datagen.build.pipeline import (  # noqa: E402
-    STAGE_FUNCTIONS,
-    BuildConfig,
-    LocalRunner,
-    collect_provenance,
-    plan_build,
-    run_write,
-    stage_factories,
-)
+from datagen.build.execute import run_step  # noqa: E402
+from datagen.build.plan import plan_build  # noqa: E402
+from datagen.build.row import collect_provenance  # noqa: E402
+from datagen.build.settings import BuildConfig  # noqa: E402
+from datagen.build.stage_configs import stage_factories  # noqa: E402
+from datagen.build.steps import step  # noqa: E402
 from datagen.build.workdir import ShardWork  # noqa: E402
+from datagen.build.write import run_write  # noqa: E402
 from datagen.data.demo_clips import write_samples  # noqa: E402
+from datagen.run.local import LocalRunner  # noqa: E402
 
 
 def main() -> None:
@@ -77,7 +76,7 @@ def main() -> None:
         for shard in plan.shards:
             shard_work = ShardWork(config.work_root, shard)
             for name in runners:
-                reports.append(STAGE_FUNCTIONS[name](shard_work, config, runners[name]))
+                reports.append(run_step(step(name), shard_work, config, runners[name]))
             run_write(shard_work, config, collect_provenance(runners))
         wall = time.perf_counter() - started
         rows = []

@@ -1,5 +1,5 @@
 """A local image-edit service speaking the stylize stage's HTTP protocol
-(datagen/stages/stylize.py).
+(datagen/stages/stylize/).
 
 It answers each POST with the colour-inverted input image, checks the bearer key when it was
 given one, records every request, and can be told to fail the next N requests with a status

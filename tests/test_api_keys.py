@@ -19,7 +19,7 @@ from fake_image_edit_server import FakeImageEditServer, invert
 from fake_openai_server import FakeOpenAIServer, Reply
 from helpers import private_prefect
 
-from datagen.build.pipeline import LocalRunner, collect_provenance
+from datagen.build.row import collect_provenance
 from datagen.core.api_keys import (
     ApiKeyUnavailableError,
     SecretValue,
@@ -29,6 +29,7 @@ from datagen.core.api_keys import (
 )
 from datagen.core.stage import Resources, Stage
 from datagen.data.styles import Style
+from datagen.run.local import LocalRunner
 from datagen.stages.caption import CaptionConfig, CaptionInput, CaptionOutput, CaptionStage
 from datagen.stages.judge import JudgeConfig, JudgeInput, JudgeOutput, JudgeStage
 from datagen.stages.stylize import (
@@ -383,9 +384,9 @@ def build_ct(clips, out, **parameters) -> dict:
     OpenAI-compatible server. Called directly, as tests/test_flows.py does: Prefect's console
     log handler keeps the stream it first wrote to, and a CliRunner's (or capfd's) stream is
     closed by the time the next run logs."""
-    from datagen.cli import _load_flow
+    from datagen.cli.build import load_flow
 
-    return _load_flow("ct")(
+    return load_flow("ct")(
         source=str(clips),
         out=str(out),
         styles=["watercolor"],
@@ -473,7 +474,7 @@ class PrefectApiProbe(Stage):
 
 
 def test_stage_actors_get_the_prefect_api_of_the_flow(prefect_api):
-    from datagen.run.prefect import prefect_api_url
+    from datagen.run.executors import prefect_api_url
     from datagen.run.ray import StagePool, init_ray, shutdown_ray
 
     url = prefect_api_url()

@@ -106,8 +106,8 @@ def test_build_with_an_empty_prefect_api_url_runs_on_a_healthy_temporary_server(
     """`PREFECT_API_URL=` (empty) means no server, as unset does: the flow runs on the temporary
     server and Prefect's events client works (left empty, it failed on every event)."""
     code = (
-        "from datagen import cli\n"
-        "cli._load_flow('ct')\n"
+        "from datagen.cli.build import load_flow\n"
+        "load_flow('ct')\n"
         "from prefect import flow, task\n"
         "probe = task(lambda i: i, name='probe')\n"
         "@flow\n"
@@ -129,10 +129,10 @@ def recording_flow(monkeypatch) -> list[dict]:
     them to the real flow's signature (so a name the flow does not take fails the test)."""
     import inspect
 
-    from datagen import cli
+    from datagen.cli import build
 
     calls: list[dict] = []
-    real_load = cli._load_flow
+    real_load = build.load_flow
 
     def load(split: str):
         signature = inspect.signature(real_load(split).fn)
@@ -144,7 +144,7 @@ def recording_flow(monkeypatch) -> list[dict]:
 
         return flow
 
-    monkeypatch.setattr(cli, "_load_flow", load)
+    monkeypatch.setattr(build, "load_flow", load)
     return calls
 
 
@@ -223,7 +223,7 @@ def test_build_options_with_choices_are_checked_by_the_command_line(monkeypatch,
 
 
 def test_build_reports_an_unreadable_key_block_in_one_line(monkeypatch, tmp_path):
-    from datagen import cli
+    from datagen.cli import build
     from datagen.core.api_keys import ApiKeyUnavailableError
 
     def load(split: str):
@@ -236,7 +236,7 @@ def test_build_reports_an_unreadable_key_block_in_one_line(monkeypatch, tmp_path
 
         return flow
 
-    monkeypatch.setattr(cli, "_load_flow", load)
+    monkeypatch.setattr(build, "load_flow", load)
     (tmp_path / "clips").mkdir()
     paths = ["--source", tmp_path / "clips", "--out", tmp_path / "out"]
     vlm = ["--caption-backend", "openai", "--vlm-api-key-block", "missing-key"]

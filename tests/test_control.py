@@ -312,17 +312,14 @@ class _Recorder:
 
 @pytest.mark.parametrize("kind", [pytest.param("pose", marks=pytest.mark.slow), "dwpose"])
 def test_stylize_gets_depth_maps_whatever_the_control_kind(kind, tiny_dir, tmp_path):
-    from datagen.build.pipeline import (
-        BuildConfig,
-        LocalRunner,
-        plan_build,
-        run_control,
-        run_describe,
-        run_stylize,
-        stage_factories,
-    )
+    from datagen.build.execute import run_step
+    from datagen.build.plan import plan_build
+    from datagen.build.settings import BuildConfig
+    from datagen.build.stage_configs import stage_factories
+    from datagen.build.steps import step
     from datagen.build.workdir import ShardWork
     from datagen.data.demo_clips import SAMPLE_CLIPS, write_samples
+    from datagen.run.local import LocalRunner
 
     write_samples(tmp_path / "src", SAMPLE_CLIPS[:1])
     config = BuildConfig(
@@ -334,10 +331,11 @@ def test_stylize_gets_depth_maps_whatever_the_control_kind(kind, tiny_dir, tmp_p
     (shard,) = plan_build(config).shards
     work = ShardWork(config.work_root, shard)
     stage = ControlStage(ControlConfig(kind=kind, tiny_dir=tiny_dir, pose_detect_resolution=128))
-    assert run_control(work, config, LocalRunner(stage)).done == 1
-    assert run_describe(work, config, LocalRunner(stage_factories(config)["describe"]())).done
+    assert run_step(step("control"), work, config, LocalRunner(stage)).done == 1
+    describe = LocalRunner(stage_factories(config)["describe"]())
+    assert run_step(step("describe"), work, config, describe).done
     recorder = _Recorder()
-    run_stylize(work, config, recorder)
+    run_step(step("stylize"), work, config, recorder)
     (given,) = recorder.inputs
     (sample,) = work.samples()
     assert work.values("control", sample.sample_id)["stylize_control"] == "depth"

@@ -10,7 +10,7 @@ import pyarrow.parquet as pq
 import pytest
 from conftest import write_dataset
 
-from datagen.build.pipeline import BuildConfig, BuildConfigError
+from datagen.build.settings import BuildConfig, BuildConfigError
 from datagen.data.dataset import Dataset, DatasetError, ShardLimits, ShardWriter, hidden_temporaries
 from datagen.data.synthetic import make_row, synthetic_table
 from datagen.tools.filter import FilterCriteria, filter_dataset

@@ -6,7 +6,8 @@ import pytest
 from helpers import private_prefect
 from typer.testing import CliRunner
 
-from datagen.cli import _load_flow, app
+from datagen.cli import app
+from datagen.cli.build import load_flow
 from datagen.data.dataset import Dataset, list_shards
 from datagen.data.demo_clips import SAMPLE_CLIPS, write_samples
 from datagen.tools.validate import validate_dataset
@@ -31,7 +32,7 @@ def sources(tmp_path_factory):
 
 def test_build_ct_on_ray_then_rerun_adds_nothing(prefect_env, sources, tmp_path_factory):
     out = tmp_path_factory.mktemp("out")
-    build_ct = _load_flow("ct")
+    build_ct = load_flow("ct")
     summary = build_ct(
         source=str(sources),
         out=str(out),
@@ -72,7 +73,7 @@ def test_build_ct_on_ray_then_rerun_adds_nothing(prefect_env, sources, tmp_path_
 
 def test_build_sft_writes_pending_candidates(prefect_env, sources, tmp_path_factory):
     out = tmp_path_factory.mktemp("out-sft")
-    summary = _load_flow("sft")(
+    summary = load_flow("sft")(
         source=str(sources), out=str(out), styles=["pixel_art"], limit=2, use_ray=False
     )
     assert summary["written"] == 2

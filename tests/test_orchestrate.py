@@ -6,9 +6,8 @@ from __future__ import annotations
 import threading
 from concurrent.futures import ThreadPoolExecutor
 
-from datagen.build.pipeline import LocalRunner
 from datagen.core.stage import Resources, Stage
-from datagen.run.prefect import StageThread
+from datagen.run.local import ComputeThreadRunner, LocalRunner
 
 
 class ThreadRecordingStage(Stage):
@@ -40,7 +39,7 @@ def test_batches_of_all_stages_from_many_task_threads_run_one_at_a_time_on_one_t
     for stage in stages:  # one count of running batches across both stages
         stage.running_in = running = {"batches": 0, "overlapped": False}
     with ThreadPoolExecutor(max_workers=1) as compute:
-        runners = [StageThread(LocalRunner(stage), compute) for stage in stages]
+        runners = [ComputeThreadRunner(LocalRunner(stage), compute) for stage in stages]
         with ThreadPoolExecutor(max_workers=6) as callers:
             results = list(
                 callers.map(lambda k: list(runners[k % 2].map([[k, k + 1], [k + 2]])), range(30))

@@ -8,19 +8,17 @@ import json
 import pytest
 from helpers import make_bad_corpus
 
-from datagen.build.pipeline import (
-    STAGE_FUNCTIONS,
-    BuildConfig,
-    BuildConfigError,
-    LocalRunner,
-    collect_provenance,
-    plan_build,
-    run_write,
-    stage_factories,
-)
+from datagen.build.execute import run_step
+from datagen.build.plan import plan_build
+from datagen.build.row import collect_provenance
+from datagen.build.settings import BuildConfig, BuildConfigError
+from datagen.build.stage_configs import stage_factories
+from datagen.build.steps import step
 from datagen.build.workdir import ShardWork
+from datagen.build.write import run_write
 from datagen.data.dataset import Dataset, list_shards, read_rejects
 from datagen.data.demo_clips import SAMPLE_CLIPS, write_samples
+from datagen.run.local import LocalRunner
 from datagen.tools.validate import validate_dataset
 
 pytestmark = pytest.mark.slow
@@ -53,7 +51,7 @@ def build(config: BuildConfig, runners) -> list:
     for shard in plan.shards:
         work = ShardWork(config.work_root, shard)
         for name in runners:
-            STAGE_FUNCTIONS[name](work, config, runners[name])
+            run_step(step(name), work, config, runners[name])
         reports.append(run_write(work, config, provenance))
     return plan, reports
 

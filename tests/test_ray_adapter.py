@@ -197,9 +197,9 @@ def test_an_actor_that_dies_while_loading_is_started_again(ray_local, tmp_path):
 def test_a_build_gives_its_stage_timeout_to_every_stage_pool(ray_local, tmp_path, monkeypatch):
     # What a build hands each pool; the pool's own timeout behaviour is tested above.
     import datagen.run.ray
-    from datagen.build.pipeline import BuildConfig
+    from datagen.build.settings import BuildConfig
     from datagen.data.demo_clips import write_samples
-    from datagen.run.prefect import stage_runners
+    from datagen.run.executors import stage_runners
 
     handed: dict[str, dict] = {}
 

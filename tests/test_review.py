@@ -35,21 +35,17 @@ from datagen.data.dataset import (
 )
 from datagen.data.synthetic import make_row
 from datagen.data.video import decode_mp4, decode_png
-from datagen.review import (
-    REASONS,
-    REVIEW_DIR,
-    DecisionJournal,
+from datagen.review.app import (
     RangeNotSatisfiable,
-    ReviewError,
     ReviewServer,
-    ReviewSession,
     create_app,
-    finalize_review,
-    journal_path,
     parse_range,
     review_markdown,
     review_url,
 )
+from datagen.review.finalize import finalize_review
+from datagen.review.journal import REASONS, REVIEW_DIR, DecisionJournal, ReviewError, journal_path
+from datagen.review.session import ReviewSession
 from datagen.tools.validate import validate_dataset
 
 CSD = [0.1, 0.2, 0.3, 0.4, 0.5, 0.6, 0.7, None]  # row 7 has no csd score
@@ -340,7 +336,7 @@ def test_a_stale_decision_is_refused_with_409_and_can_be_overridden(sft_dir):
 
 def test_a_decision_written_by_another_process_is_seen_and_conflicts(client, sft_dir):
     script = (
-        "import sys; from datagen.review import DecisionJournal; "
+        "import sys; from datagen.review.journal import DecisionJournal; "
         "DecisionJournal(sys.argv[1]).append('s00000005', 'rejected', 'weak_style', None, "
         "'carol', 0)"
     )
@@ -392,7 +388,7 @@ def test_the_reviewer_comes_from_the_option_else_user(sft_dir, monkeypatch):
     monkeypatch.setenv("USER", "dora")
     assert ReviewSession(sft_dir).reviewer == "dora"
     assert ReviewSession(sft_dir, reviewer=" eve ").reviewer == "eve"
-    monkeypatch.setattr("datagen.review.default_reviewer", lambda: None)
+    monkeypatch.setattr("datagen.review.session.default_reviewer", lambda: None)
     with pytest.raises(ReviewError, match="--reviewer"):
         ReviewSession(sft_dir)
 
@@ -484,7 +480,7 @@ runner = CliRunner()
 
 
 def datagen_app() -> typer.Typer:
-    """The main app with the review group registered the way cli.py registers it."""
+    """The main app with the review group registered as datagen/cli/__init__.py does."""
     from datagen.cli import app
 
     if not any(info.name == "review" for info in app.registered_groups):
@@ -492,7 +488,7 @@ def datagen_app() -> typer.Typer:
 
         @app.command()
         def other() -> None:
-            """A sibling command, so that `review` is a sub-group as in cli.py."""
+            """A sibling command, so that `review` is a sub-group as in datagen.cli."""
 
         app.add_typer(review_app, name="review")
     return app
@@ -535,11 +531,20 @@ def test_cli_review_sft_dir_starts_the_server(sft_dir, monkeypatch):
 
 
 def test_cli_defaults_match_the_library():
-    from datagen import review
+    from datagen.review import app as review_web
 
-    assert review_cli.DEFAULT_HOST == review.DEFAULT_HOST
-    assert review_cli.DEFAULT_PORT == review.DEFAULT_PORT
-    assert review_cli.LOOPBACK_HOSTS == review.LOOPBACK_HOSTS
+    assert review_cli.DEFAULT_HOST == review_web.DEFAULT_HOST
+    assert review_cli.DEFAULT_PORT == review_web.DEFAULT_PORT
+    assert review_cli.LOOPBACK_HOSTS == review_web.LOOPBACK_HOSTS
+    # the CLI reads them from datagen.review.defaults: no web stack or pyarrow at every start
+    code = (
+        "import sys, datagen.cli; "
+        "print([m for m in ('fastapi', 'uvicorn', 'pyarrow') if m in sys.modules])"
+    )
+    loaded = subprocess.run(
+        [sys.executable, "-c", code], capture_output=True, text=True, check=True
+    )
+    assert loaded.stdout.strip() == "[]"
 
 
 def test_cli_serve_as_a_process_answers_then_stops_on_ctrl_c(sft_dir):

@@ -25,7 +25,7 @@ import pytest
 
 from datagen.data.dataset import Dataset, ShardLimits, ShardWriter, read_rejects
 from datagen.data.synthetic import make_row
-from datagen.review import journal_path
+from datagen.review.journal import journal_path
 from datagen.tools.validate import validate_dataset
 
 pytestmark = pytest.mark.slow

@@ -9,7 +9,6 @@ import importlib.util
 import pytest
 from typer.testing import CliRunner
 
-from datagen.build.pipeline import stage_config
 from datagen.build.settings import (
     BuildConfig,
     BuildConfigError,
@@ -17,6 +16,7 @@ from datagen.build.settings import (
     read_run_config,
     settings_fields,
 )
+from datagen.build.stage_configs import stage_config
 from datagen.cli import app
 from datagen.core.package_data import package_data_dir
 
@@ -160,7 +160,7 @@ def test_missing_run_config_and_missing_source_are_clear(tmp_path):
 
 
 def test_cli_config_file_reaches_the_flow_as_a_parameter(monkeypatch, clips, tmp_path):
-    from datagen import cli
+    from datagen.cli import build
 
     calls = []
 
@@ -171,7 +171,7 @@ def test_cli_config_file_reaches_the_flow_as_a_parameter(monkeypatch, clips, tmp
 
         return flow
 
-    monkeypatch.setattr(cli, "_load_flow", load)
+    monkeypatch.setattr(build, "load_flow", load)
     run = tmp_path / "run.toml"
     run.write_text(f'source = "{clips}"\nout = "{tmp_path / "out"}"\nanimate_steps = 3\n')
     result = CliRunner().invoke(
@@ -186,3 +186,27 @@ def test_cli_config_file_reaches_the_flow_as_a_parameter(monkeypatch, clips, tmp
     run.write_text('source = "x"\nnum_framez = 5\n')
     result = CliRunner().invoke(app, ["build", "ct", "--config", str(run)])
     assert result.exit_code == 1 and "unknown setting 'num_framez'" in result.output
+
+
+def test_settings_are_checked_strictly_but_never_converted(monkeypatch, tmp_path):
+    # An int given for a float setting stays an int: the work-dir key hashes the values as
+    # given, and this is the key earlier releases gave these settings (before pydantic checked
+    # them); tests/test_pipeline.py pins more keys.
+    monkeypatch.chdir(tmp_path)
+    (tmp_path / "clips").mkdir()
+    given = BuildConfig(
+        source="clips",
+        out="out",
+        fps=8,
+        flow_shift=10,
+        csd_threshold=1,
+        stage_timeout_s=100,
+        controlnet_scale=1,
+    )
+    assert type(given.fps) is int and type(given.flow_shift) is int
+    assert given.work_root.as_posix() == "out/_work/ct-69db3f82bd4e"
+    message = "limit must be a valid integer, got 'x'; seed must be a valid integer, got True"
+    with pytest.raises(BuildConfigError, match=message):
+        BuildConfig(source="clips", out="out", limit="x", seed=True)
+    with pytest.raises(BuildConfigError, match=r"k_refs must be <= 16, got 17; crf must be >= 0"):
+        BuildConfig(source="clips", out="out", k_refs=17, crf=-1)

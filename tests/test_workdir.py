@@ -1,5 +1,5 @@
 from datagen.build.workdir import ShardWork, remove_leftovers
-from datagen.data.dataset import temporary_path
+from datagen.core.files import temporary_path
 
 
 def test_removing_a_shard_folder_leaves_nothing_and_can_be_repeated(tmp_path):

@@ -1,21 +1,28 @@
 """The build's settings: ONE definition, read everywhere a build is configured.
 
-`BuildConfig`'s fields are the settings. Each field carries its help text and, where it has
-them, its choices, the tiers it applies to (`splits`) and the stage setting it feeds
-(`stage`). From that one list come:
+`BuildConfig`'s fields are the settings. Each field's type carries its bounds and choices
+(checked by pydantic, strictly: `field_problems`), and its metadata its help text, its choices,
+the tiers it applies to (`splits`) and the stage setting it feeds (`stage`). From that one
+list come:
 
 - the parameters of the `build-ct` and `build-sft` flows (`flow_parameters`, used in flows/),
   which is also what a deployment's parameters and the Prefect UI's run form show;
-- the options of `datagen build` (`cli_parameters`, used in datagen/cli/), each named after
+- the options of `datagen build` (`cli_options`, used in datagen/cli/), each named after
   its setting (`num_frames` -> `--num-frames`);
 - run-config files (`datagen build --config run.toml`, or the flows' `config` parameter): TOML
   whose keys are the same names.
 
 Precedence, lowest first: the field's default here; the profile's default (PROFILE_DEFAULTS) or,
 for stage settings left unset, the stage's own default, where the value from the paper or the
-reference repository is cited (datagen/stages/stylize.py, datagen/stages/animate.py, ...); the
+reference repository is cited (datagen/stages/stylize/, datagen/stages/animate.py, ...); the
 run-config file; the flow parameters or command-line options given. An unknown key, in a file or
 anywhere else, is an error naming the key.
+
+The module is longer than most (~690 lines) because it is that one definition: some 200 lines
+are the settings themselves (their help, bounds and profile defaults), and the rest is what is
+made from them (the checks, the work-dir key, the flow parameters, the options, run-config
+files), which reads the fields' metadata and changes with it; split apart, adding a setting
+would again mean editing several modules.
 """
 
 from __future__ import annotations
@@ -31,9 +38,12 @@ import tomllib
 import typing
 from dataclasses import asdict, dataclass
 from pathlib import Path
-from typing import Any, Literal
+from typing import Annotated, Any, Literal
+
+from pydantic import Field, TypeAdapter, ValidationError
 
 from datagen.core.api_keys import check_key_source
+from datagen.core.config import STRICT, NonNegativeInt, PositiveInt
 from datagen.stages.caption import CAPTION_MAX_NEW_TOKENS, caption_token_budget
 from datagen.stages.control import CONTROL_KINDS
 from datagen.stages.describe import CONTENT_MAX_WORDS
@@ -41,8 +51,8 @@ from datagen.stages.stylize import INSTANTSTYLE_BLOCKS
 
 PROFILES = ("tiny", "production")
 SPLITS = ("ct", "sft")
-CAPTION_BACKENDS = ("transformers", "openai")  # datagen/stages/vlm.py
-STYLIZE_BACKENDS = ("sdxl", "http")  # datagen/stages/stylize.py
+CAPTION_BACKENDS = ("transformers", "openai")  # datagen/stages/vlm/
+STYLIZE_BACKENDS = ("sdxl", "http")  # datagen/stages/stylize/
 DEFAULT_ANIMATE_PROMPT = (
     "a high quality video with smooth, natural motion, consistent subjects and stable details"
 )
@@ -125,19 +135,26 @@ REQUIRED = dataclasses.MISSING
 
 @dataclass(frozen=True)
 class BuildConfig:
-    """Every setting of a build run, validated up front (all problems in one message)."""
+    """Every setting of a build run, validated up front: all problems in one message (but a
+    value of the wrong type stops the checks that combine settings)."""
 
     source: str = setting(REQUIRED, "Directory, video file or .txt list of source videos.")
     out: str = setting(REQUIRED, "Output root; rows go to OUT/<split>.")
-    split: str = setting("ct", "Which tier: ct | sft.", choices=SPLITS, exposed=False)
+    split: Literal[SPLITS] = setting("ct", "Which tier: ct | sft.", choices=SPLITS, exposed=False)
     styles: tuple[str, ...] = setting((), "Style ids from prompts/styles.toml; default all.")
-    limit: int | None = setting(None, "At most this many samples (default: all).")
-    clips_per_video: int = setting(1, "Clips sampled from each source video.")
-    shard_size: int = setting(8, "Samples per shard (the unit of work and of retries).")
-    profile: str = setting("tiny", "Model profile: tiny twins | production.", choices=PROFILES)
+    limit: NonNegativeInt | None = setting(None, "At most this many samples (default: all).")
+    clips_per_video: PositiveInt = setting(1, "Clips sampled from each source video.")
+    shard_size: PositiveInt = setting(8, "Samples per shard (the unit of work and of retries).")
+    profile: Literal[PROFILES] = setting(
+        "tiny", "Model profile: tiny twins | production.", choices=PROFILES
+    )
     tiny_dir: str | None = setting(None, "Where the tiny twins live (default: the user cache).")
     seed: int = setting(0, "Base seed; each sample's seed derives from it and its id.")
-    k_refs: int = setting(3, "K: style reference images per sample.", flags=("--k",))
+    # a pair carries K >= 1 style references
+    k_refs: Annotated[int, Field(ge=1, le=16)] = setting(
+        3, "K: style reference images per sample.", flags=("--k",)
+    )
+    # checked by the control stage's own config (reported once, as "control: ...")
     control_kind: str = setting(
         "depth", "Control video the pair is animated under.", choices=CONTROL_KINDS
     )
@@ -146,7 +163,7 @@ class BuildConfig:
         "dwpose: the frame size the pose detector works at (stage default 1024, VACE's).",
         stage=("control", "dwpose_resolution"),
     )
-    csd_threshold: float = setting(
+    csd_threshold: Annotated[float, Field(ge=-1, le=1, allow_inf_nan=False)] = setting(
         0.5,
         "CT keeps csd_score > this (DreamStyle's 0.5).",
         splits=("ct",),
@@ -217,9 +234,11 @@ class BuildConfig:
     vlm_max_pixels: int | None = setting(
         None, "Largest frame the VLM sees, in pixels (profile default)."
     )
-    batch_size: int = setting(2, "Samples per stage call.")
-    crf: int = setting(18, "H.264 quality of the written videos (0 = lossless, 51 = worst).")
-    caption_backend: str = setting(
+    batch_size: PositiveInt = setting(2, "Samples per stage call.")
+    crf: Annotated[int, Field(ge=0, le=51)] = setting(
+        18, "H.264 quality of the written videos (0 = lossless, 51 = worst)."
+    )
+    caption_backend: Literal[CAPTION_BACKENDS] = setting(
         "transformers",
         "Caption and judge VLM: transformers (in-process) | openai (a VLM server).",
         choices=CAPTION_BACKENDS,
@@ -235,7 +254,7 @@ class BuildConfig:
         "openai: NAME of the Prefect Secret block holding the server's API key "
         "(default: the key in $DATAGEN_VLM_API_KEY, if any).",
     )
-    stylize_backend: str = setting(
+    stylize_backend: Literal[STYLIZE_BACKENDS] = setting(
         "sdxl",
         "sft: sdxl (in-process) | http (an image-edit API).",
         choices=STYLIZE_BACKENDS,
@@ -248,40 +267,25 @@ class BuildConfig:
         "(default: the key in $DATAGEN_IMAGE_EDIT_API_KEY, if any).",
         splits=("sft",),
     )
-    stage_timeout_s: float = setting(
+    stage_timeout_s: Annotated[float, Field(gt=0)] = setting(  # inf: no limit
         3600.0, "A stage call slower than this is hung: its samples are rejected."
     )
-    shards_in_flight: int = setting(2, "Shards between plan and write at once (bounds memory).")
+    shards_in_flight: PositiveInt = setting(
+        2, "Shards between plan and write at once (bounds memory)."
+    )
 
     def __post_init__(self) -> None:
-        problems = []
-        if self.split not in SPLITS:
-            problems.append(f"split must be 'ct' or 'sft', got {self.split!r}")
-        else:
+        problems, mistyped = field_problems(self)
+        if mistyped:  # the checks below compare and combine values of the fields' types
+            raise BuildConfigError("invalid build parameters: " + "; ".join(problems))
+        if self.split in SPLITS:
             problems += split_problems(self.split, asdict(self))
-        if self.profile not in PROFILE_DEFAULTS:
-            problems.append(
-                f"profile must be one of {sorted(PROFILE_DEFAULTS)}, got {self.profile!r}"
-            )
         if not Path(self.source).exists():
             problems.append(f"source {self.source} does not exist")
-        if self.limit is not None and self.limit < 0:
-            problems.append(f"limit must be >= 0, got {self.limit}")
-        for name in ("clips_per_video", "shard_size", "batch_size", "shards_in_flight"):
-            if getattr(self, name) < 1:
-                problems.append(f"{name} must be >= 1, got {getattr(self, name)}")
-        if not 1 <= self.k_refs <= 16:  # a pair carries K >= 1 style references
-            problems.append(f"k_refs must be in [1, 16], got {self.k_refs}")
-        if not -1.0 <= self.csd_threshold <= 1.0:
-            problems.append(f"csd_threshold must be in [-1, 1], got {self.csd_threshold}")
         if self.require_vlm_pass and not self.vlm_judge:
             problems.append("require_vlm_pass needs vlm_judge")
-        if not self.stage_timeout_s > 0:
-            problems.append(f"stage_timeout_s must be > 0, got {self.stage_timeout_s}")
-        if not 0 <= self.crf <= 51:
-            problems.append(f"crf must be in [0, 51], got {self.crf}")
         problems += self._backend_problems()
-        if self.profile in PROFILE_DEFAULTS:
+        if self.profile in PROFILES:
             settings = self.clip_settings()
             if (settings.num_frames - 1) % 4:
                 problems.append(
@@ -303,7 +307,7 @@ class BuildConfig:
     def _stage_problems(self) -> list[str]:
         """The stages' own checks of the settings they take (ranges, multiples, choices), so
         a bad value fails here, before any work, with the stage's message."""
-        from datagen.build.pipeline import stage_config_problems
+        from datagen.build.stage_configs import stage_config_problems
 
         return stage_config_problems(self)
 
@@ -316,29 +320,22 @@ class BuildConfig:
                 check_key_source(None, getattr(self, field_name), block_field=field_name)
             except ValueError as error:
                 problems.append(str(error))
-        if self.caption_backend not in CAPTION_BACKENDS:
-            problems.append(
-                f"caption_backend must be one of {CAPTION_BACKENDS}, got {self.caption_backend!r}"
-            )
-        elif self.caption_backend == "openai":
+        # (a backend that is not one of the choices is a field problem: neither branch)
+        if self.caption_backend == "openai":
             from datagen.stages.vlm import VLMConfig
 
             try:  # the stage's own checks of the server URL and model name
                 VLMConfig(**vlm_server(self), api_key_env=None)
             except ValueError as error:
-                problems.append(f"caption: {error}")
-        else:
+                problems.append(f"caption: {error}".replace("VLMConfig: ", ""))
+        elif self.caption_backend == "transformers":
             problems += _unused(
                 self,
                 "caption_backend",
                 "'openai' (a VLM server)",
                 ("caption_base_url", "caption_model", "vlm_api_key_block"),
             )
-        if self.stylize_backend not in STYLIZE_BACKENDS:
-            problems.append(
-                f"stylize_backend must be one of {STYLIZE_BACKENDS}, got {self.stylize_backend!r}"
-            )
-        elif self.stylize_backend == "http":
+        if self.stylize_backend == "http":
             from datagen.stages.stylize import StylizeConfig
 
             if self.stylize_url is None:
@@ -348,7 +345,7 @@ class BuildConfig:
                     StylizeConfig(backend="http", url=self.stylize_url, api_key_env=None)
                 except ValueError as error:
                     problems.append(f"stylize_url: {error}".replace("StylizeConfig: ", ""))
-        else:
+        elif self.stylize_backend == "sdxl":
             problems += _unused(
                 self,
                 "stylize_backend",
@@ -425,6 +422,49 @@ class BuildConfig:
 
 # BuildConfig fields that do not change a build's output, left out of its work_root key.
 WORK_KEY_EXCLUDED = frozenset({"vlm_api_key_block", "stylize_api_key_block"})
+
+# The fields' types (their bounds and choices included) are checked by pydantic, strictly (no
+# bool for an int, no "3" for a number), here rather than by making BuildConfig a pydantic
+# dataclass: the values are checked, never converted (a pydantic float field keeps an int 1 as
+# 1.0, and `work_root` hashes the values as given, so a build given an int for a float setting
+# would get a new key and lose its resumable work); a pydantic dataclass stops at a bad field
+# and never reaches the checks that combine fields, where this reports every problem in one
+# message; and a later release's subclass may stay a plain dataclass.
+_RELATIONS = {"greater_than_equal": ">=", "greater_than": ">", "less_than_equal": "<="}
+
+
+@functools.cache
+def _field_adapters(config_class: type) -> dict[str, TypeAdapter]:
+    hints = typing.get_type_hints(config_class, include_extras=True)
+    return {
+        field.name: TypeAdapter(hints[field.name], config=STRICT)
+        for field in dataclasses.fields(config_class)
+    }
+
+
+def field_problems(config: BuildConfig) -> tuple[list[str], bool]:
+    """A problem per field whose value is not of its type, bounds or choices, worded as the
+    build words them ("limit must be >= 0, got -1"), and whether a value is of the wrong type."""
+    problems, mistyped = [], False
+    for field in dataclasses.fields(config):
+        try:
+            _field_adapters(type(config))[field.name].validate_python(getattr(config, field.name))
+        except ValidationError as error:
+            for item in error.errors(include_url=False):
+                name = ".".join(str(part) for part in (field.name, *item["loc"]))
+                value, kind = item["input"], item["type"]
+                if kind in _RELATIONS:
+                    (bound,) = item["ctx"].values()
+                    bound = int(bound) if float(bound).is_integer() else bound
+                    problems.append(f"{name} must be {_RELATIONS[kind]} {bound}, got {value}")
+                elif kind == "literal_error":
+                    choices = field.metadata["choices"] or item["ctx"]["expected"]
+                    problems.append(f"{name} must be one of {choices}, got {value!r}")
+                else:
+                    mistyped = mistyped or kind.endswith("_type")
+                    message = item["msg"].replace("Input should be", "must be")
+                    problems.append(f"{name} {message}, got {value!r}")
+    return problems, mistyped
 
 
 def _unused(config: BuildConfig, backend: str, used_with: str, names: tuple[str, ...]) -> list:
@@ -618,10 +658,7 @@ def build_config(
     for name in ("source", "out", "tiny_dir"):
         if isinstance(values.get(name), os.PathLike):
             values[name] = os.fspath(values[name])
-    try:
-        return BuildConfig(split=split, **values)
-    except TypeError as error:  # a value of the wrong kind (a file's "limit = 'x'", say)
-        raise BuildConfigError(f"invalid build parameters: {error}") from None
+    return BuildConfig(split=split, **values)  # a value of the wrong kind is a BuildConfigError
 
 
 def cli_options(config_class: type = BuildConfig) -> list[tuple[str, Any, Any]]:

@@ -23,17 +23,10 @@ from pathlib import Path
 import av
 import numpy as np
 
+from datagen.core.files import TEMPORARY_GLOB, temporary_path, write_bytes_atomic
 from datagen.core.stage import Reject
-from datagen.data.dataset import TEMPORARY_GLOB, temporary_path
 from datagen.data.video import decode_png, encode_png
 from datagen.stages.plan import PlannedSample
-
-
-def write_bytes_atomic(path: Path, data: bytes) -> None:
-    path.parent.mkdir(parents=True, exist_ok=True)
-    tmp = temporary_path(path)
-    tmp.write_bytes(data)
-    os.replace(tmp, path)
 
 
 def remove_leftovers(work_root: Path) -> list[Path]:

@@ -4,7 +4,8 @@
     datagen review finalize SFT_DIR OUT [--overwrite] [--json]          write the accepted rows
 
 Registered in `datagen.cli` with `app.add_typer(review_app, name="review")`. The library code
-is in `datagen.review`; this module only parses options and prints.
+is in `datagen.review` (imported when a command runs: the web stack and pyarrow are not
+loaded by other `datagen` commands); this module only parses options and prints.
 """
 
 from __future__ import annotations
@@ -18,11 +19,8 @@ import click
 import typer
 from typer.core import TyperGroup
 
-# Copies of datagen.review's defaults (a test keeps them equal): importing datagen.review here
-# would load pyarrow on every `datagen` start, since cli.py imports this module.
-DEFAULT_HOST = "127.0.0.1"
-DEFAULT_PORT = 8765
-LOOPBACK_HOSTS = ("127.0.0.1", "localhost", "::1")
+from datagen.cli.common import fail, say, user_errors
+from datagen.review.defaults import DEFAULT_HOST, DEFAULT_PORT, LOOPBACK_HOSTS
 
 
 class _ServeByDefault(TyperGroup):
@@ -55,14 +53,13 @@ review_app = typer.Typer(
 @contextmanager
 def _review_errors():
     """The CLI's one-line errors, for the review's refusals too."""
-    from datagen.cli import _fail, _user_errors
-    from datagen.review import ReviewError
+    from datagen.review.journal import ReviewError
 
-    with _user_errors():
+    with user_errors():
         try:
             yield
         except ReviewError as error:
-            _fail(str(error))
+            fail(str(error))
 
 
 @review_app.command("serve")
@@ -91,8 +88,8 @@ def serve_command(
     Each decision is saved to SFT_DIR/_review/decisions.jsonl as it is made; the shards are
     never modified. Ctrl-C stops the app.
     """
-    from datagen.cli import say
-    from datagen.review import ReviewServer, ReviewSession
+    from datagen.review.app import ReviewServer
+    from datagen.review.session import ReviewSession
 
     with _review_errors():
         session = ReviewSession(sft_dir, reviewer=reviewer, cache_bytes=cache_mb * 2**20)
@@ -134,8 +131,7 @@ def finalize_command(
     "review", reason = the reviewer's code); samples still pending are left out and counted.
     SFT_DIR is never modified; OUT appears only when complete.
     """
-    from datagen.cli import say
-    from datagen.review import finalize_review
+    from datagen.review.finalize import finalize_review
 
     with _review_errors():
         result = finalize_review(sft_dir, out_dir, overwrite=overwrite)
@@ -160,5 +156,5 @@ def finalize_command(
     )
 
 
-if __name__ == "__main__":  # `python -m datagen.cli.review ...`, before cli.py registers it
+if __name__ == "__main__":  # `python -m datagen.cli.review ...`: the review commands alone
     review_app()

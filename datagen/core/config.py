@@ -16,6 +16,7 @@ a run-config file and a CLI option.
 from __future__ import annotations
 
 import functools
+import re
 from typing import Annotated, Any, TypeVar
 
 from pydantic import ConfigDict, Field, ValidationError
@@ -49,9 +50,8 @@ def describe_errors(class_name: str, error: ValidationError) -> str:
         if item["type"] == "unexpected_keyword_argument":
             lines.append(f"{class_name}: unknown setting {field!r}")
             continue
-        message = item["msg"]
-        if message.startswith("Input should be "):
-            message = "must be " + message.removeprefix("Input should be ")
+        # pydantic says "Input should be ...", "String should have ...": "must be", "must have"
+        message = re.sub(r"^\w+ should ", "must ", item["msg"])
         lines.append(f"{class_name}: {field} {message}, got {item['input']!r}")
     return "\n".join(lines)
 

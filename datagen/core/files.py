@@ -10,9 +10,56 @@ from __future__ import annotations
 import contextlib
 import fcntl
 import os
+import secrets
 from collections.abc import Iterator
 from pathlib import Path
 from typing import IO
+
+
+def temporary_path(final: Path) -> Path:
+    """Hidden name in the same directory, so the final rename is atomic and readers skip it."""
+    return final.with_name(f".{final.name}.tmp-{os.getpid()}-{secrets.token_hex(2)}")
+
+
+# Matches every name temporary_path makes.
+TEMPORARY_GLOB = ".*.tmp-*"
+
+
+def fsync_path(path: Path) -> None:
+    fd = os.open(path, os.O_RDONLY)
+    try:
+        os.fsync(fd)
+    finally:
+        os.close(fd)
+
+
+def commit_file(tmp: Path, final: Path) -> None:
+    """fsync `tmp`, rename it to `final` and fsync the directory: `final` appears complete."""
+    fsync_path(tmp)
+    os.replace(tmp, final)
+    fsync_path(final.parent)
+
+
+@contextlib.contextmanager
+def atomic_file(final: Path) -> Iterator[Path]:
+    """A hidden temporary path to write; committed as `final` when the block ends, deleted
+    if it raises: `final` appears complete or not at all."""
+    tmp = temporary_path(final)
+    try:
+        yield tmp
+        commit_file(tmp, final)
+    except BaseException:
+        tmp.unlink(missing_ok=True)
+        raise
+
+
+def write_bytes_atomic(path: Path, data: bytes) -> None:
+    """Write `data` to `path` (parents created) under a temporary name, then rename it into
+    place: `path` appears complete. No fsync: for files a rerun can rewrite (work files)."""
+    path.parent.mkdir(parents=True, exist_ok=True)
+    tmp = temporary_path(path)
+    tmp.write_bytes(data)
+    os.replace(tmp, path)
 
 
 @contextlib.contextmanager

@@ -10,31 +10,27 @@ import time, so the CLI and the flows stay light.
 
 from __future__ import annotations
 
-import math
 import time
 from abc import ABC, abstractmethod
 from collections.abc import Sequence
 from dataclasses import dataclass, field
 from typing import Any, ClassVar, Generic, TypeVar
 
+from datagen.core.config import NonNegativeFloat, config_class
 from datagen.core.native_heap import trim_native_heap
 
 In = TypeVar("In")
 Out = TypeVar("Out")
 
 
-@dataclass(frozen=True)
+@config_class
 class Resources:
     """What one actor of a stage needs. Fractional GPUs let small models share a device."""
 
-    num_gpus: float = 0.0
-    num_cpus: float = 1.0
+    num_gpus: NonNegativeFloat = 0.0
+    num_cpus: NonNegativeFloat = 1.0
 
     def __post_init__(self) -> None:
-        for name in ("num_gpus", "num_cpus"):
-            value = getattr(self, name)
-            if not (math.isfinite(value) and value >= 0):
-                raise ValueError(f"Resources.{name} must be a finite number >= 0, got {value}")
         if self.num_gpus > 1 and self.num_gpus != int(self.num_gpus):
             raise ValueError(f"more than one GPU must be a whole number, got {self.num_gpus}")
 

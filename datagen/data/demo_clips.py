@@ -14,7 +14,7 @@ from pathlib import Path
 import numpy as np
 from PIL import Image
 
-from datagen.data.dataset import temporary_path
+from datagen.core.files import temporary_path
 from datagen.data.video import encode_mp4
 
 

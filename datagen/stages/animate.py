@@ -25,16 +25,17 @@ from __future__ import annotations
 
 import functools
 import hashlib
-import math
-import re
+import typing
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Any
+from typing import Annotated, Any, Literal
 
 import numpy as np
+from pydantic import Field
 
+from datagen.core.config import NonNegativeFloat, PositiveFloat, PositiveInt, config_class
 from datagen.core.stage import ModelRef, Reject, Resources, Stage, pick_device
-from datagen.models.registry import PROFILES, SOURCES, resolve
+from datagen.models.registry import SOURCES, Profile, resolve
 
 MODEL_KEY = "wan_vace"
 # Wan's own negative prompt lists "style, works, paintings"; those would push the stylized
@@ -47,9 +48,10 @@ PROFILE_DEFAULTS: dict[str, dict[str, Any]] = {
     "tiny": {"num_frames": 9, "height": 64, "width": 64, "steps": 2},
     "production": {"num_frames": 81, "height": 480, "width": 832, "steps": 50},
 }
-DTYPES = ("auto", "float32", "bfloat16", "float16")
-_HUB_ID = re.compile(r"^[A-Za-z0-9][A-Za-z0-9_.-]*/[A-Za-z0-9][A-Za-z0-9_.-]*$")
-_DEVICE = re.compile(r"^(auto|cpu|cuda(:\d+)?)$")
+Dtype = Literal["auto", "float32", "bfloat16", "float16"]
+DTYPES: tuple[str, ...] = typing.get_args(Dtype)
+HUB_ID_PATTERN = r"^[A-Za-z0-9][A-Za-z0-9_.-]*/[A-Za-z0-9][A-Za-z0-9_.-]*$"  # owner/name
+DEVICE_PATTERN = r"^(auto|cpu|cuda(:\d+)?)$"
 MAX_SEED = 2**63 - 1
 
 # Reject reason codes.
@@ -60,84 +62,53 @@ CONTROL_SHA_MISMATCH = "control_sha_mismatch"
 NON_FINITE_OUTPUT = "non_finite_output"
 
 
-@dataclass(frozen=True)
+# Sizes: at least one latent step in time (5 frames) and one 16-pixel cell in space.
+MinFrames = Annotated[int, Field(ge=5)]
+MinSide = Annotated[int, Field(ge=16)]
+HubId = Annotated[str, Field(pattern=HUB_ID_PATTERN)]
+Device = Annotated[str, Field(pattern=DEVICE_PATTERN)]
+
+
+@config_class
 class AnimateConfig:
     """Settings of the animate stage. Sizes and steps left as None take the profile's default."""
 
-    profile: str = "tiny"
+    profile: Profile = "tiny"
     tiny_dir: str | None = None
-    hub_id: str | None = None  # production only, e.g. "Wan-AI/Wan2.1-VACE-1.3B-diffusers"
-    num_frames: int | None = None  # 4k+1 (the VAE compresses time x4 after the first frame)
-    height: int | None = None  # multiple of 16 (VAE x8 times patch 2)
-    width: int | None = None
-    steps: int | None = None
-    guidance_scale: float = 5.0  # Wan2.1 generate.py:242-245 (sample_guide_scale); 1.0 = no CFG
+    hub_id: HubId | None = None  # production only, e.g. "Wan-AI/Wan2.1-VACE-1.3B-diffusers"
+    num_frames: MinFrames | None = None  # 4k+1 (the VAE compresses time x4 after the first frame)
+    height: MinSide | None = None  # multiple of 16 (VAE x8 times patch 2)
+    width: MinSide | None = None
+    steps: PositiveInt | None = None
+    # Wan2.1 generate.py:242-245 (sample_guide_scale); 1.0 = no CFG
+    guidance_scale: Annotated[float, Field(ge=1.0, allow_inf_nan=False)] = 5.0
     negative_prompt: str = DEFAULT_NEGATIVE_PROMPT
     # VACE's sample shift: Wan2.1 generate.py:80-81 sets 16 for every "vace" task (3.0 there is
     # the I2V 480p value, generate.py:78-79), and VACE's own vace/vace_wan_inference.py:49-50
     # defaults to 16 too.
-    flow_shift: float = 16.0
-    conditioning_scale: float = 1.0
-    max_sequence_length: int = 512
-    max_pairs_per_call: int = 1  # pairs per pipeline call (2 members each)
-    device: str = "auto"  # "auto" follows Resources: cuda when a GPU is asked for and visible
-    dtype: str = "auto"  # transformer and text encoder; auto: bfloat16 on cuda, else float32
+    flow_shift: PositiveFloat = 16.0
+    conditioning_scale: NonNegativeFloat = 1.0
+    max_sequence_length: Annotated[int, Field(ge=1, le=512)] = 512
+    max_pairs_per_call: PositiveInt = 1  # pairs per pipeline call (2 members each)
+    device: Device = "auto"  # "auto" follows Resources: cuda when a GPU is asked for and visible
+    dtype: Dtype = "auto"  # transformer and text encoder; auto: bfloat16 on cuda, else float32
 
     def __post_init__(self) -> None:
-        if self.profile not in PROFILES:
-            raise ValueError(f"profile must be one of {PROFILES}, got {self.profile!r}")
         for name, value in PROFILE_DEFAULTS[self.profile].items():
             if getattr(self, name) is None:
                 object.__setattr__(self, name, value)
-        _require_int(self, "num_frames", minimum=5)
         if (self.num_frames - 1) % 4:
             raise ValueError(f"num_frames must be 4k+1 (5, 9, ..., 81), got {self.num_frames}")
         for name in ("height", "width"):
-            _require_int(self, name, minimum=16)
             if getattr(self, name) % 16:
                 raise ValueError(f"{name} must be a multiple of 16, got {getattr(self, name)}")
-        _require_int(self, "steps", minimum=1)
-        _require_int(self, "max_sequence_length", minimum=1, maximum=512)
-        _require_int(self, "max_pairs_per_call", minimum=1)
-        _require_number(self, "guidance_scale", minimum=1.0)
-        _require_number(self, "flow_shift", minimum=0.0, inclusive=False)
-        _require_number(self, "conditioning_scale", minimum=0.0)
-        if not isinstance(self.negative_prompt, str):
-            raise ValueError("negative_prompt must be a string")
-        if self.hub_id is not None:
-            if self.profile != "production":
-                raise ValueError("hub_id selects a production checkpoint; use profile=production")
-            if not isinstance(self.hub_id, str) or not _HUB_ID.match(self.hub_id):
-                raise ValueError(f"hub_id must look like 'owner/name', got {self.hub_id!r}")
-        if not isinstance(self.device, str) or not _DEVICE.match(self.device):
-            raise ValueError(
-                f"device must be 'auto', 'cpu', 'cuda' or 'cuda:N', got {self.device!r}"
-            )
-        if self.dtype not in DTYPES:
-            raise ValueError(f"dtype must be one of {DTYPES}, got {self.dtype!r}")
+        if self.hub_id is not None and self.profile != "production":
+            raise ValueError("hub_id selects a production checkpoint; use profile=production")
 
     @property
     def repo(self) -> str:
         """The production hub id this config loads (the default or the override)."""
         return self.hub_id or SOURCES[MODEL_KEY].hub_id
-
-
-def _require_int(config: AnimateConfig, name: str, minimum: int, maximum: int | None = None):
-    value = getattr(config, name)
-    if isinstance(value, bool) or not isinstance(value, int):
-        raise ValueError(f"{name} must be an integer, got {value!r}")
-    if value < minimum or (maximum is not None and value > maximum):
-        upper = f" and <= {maximum}" if maximum is not None else ""
-        raise ValueError(f"{name} must be >= {minimum}{upper}, got {value}")
-
-
-def _require_number(config: AnimateConfig, name: str, minimum: float, inclusive: bool = True):
-    value = getattr(config, name)
-    if isinstance(value, bool) or not isinstance(value, int | float) or not math.isfinite(value):
-        raise ValueError(f"{name} must be a finite number, got {value!r}")
-    if value < minimum or (not inclusive and value == minimum):
-        relation = ">=" if inclusive else ">"
-        raise ValueError(f"{name} must be {relation} {minimum}, got {value}")
 
 
 @dataclass(frozen=True)

@@ -1,4 +1,4 @@
-"""Caption stage: the two captions of a pair, written by a VLM (see datagen/stages/vlm.py).
+"""Caption stage: the two captions of a pair, written by a VLM (see datagen/stages/vlm/).
 
 - `caption_sty` describes content AND style, from the stylized video (the prompt names the
   style the video was rendered in, so the VLM can name it).
@@ -25,6 +25,7 @@ from dataclasses import asdict, dataclass
 
 import numpy as np
 
+from datagen.core.config import PositiveInt, config_class
 from datagen.core.stage import In, Out, Reject, Resources
 from datagen.data.style_vocab import load_style_vocabulary
 from datagen.stages.vlm import (
@@ -67,23 +68,19 @@ def caption_token_budget(words: int = max(CAPTION_NS_MAX_WORDS, CAPTION_STY_MAX_
 CAPTION_MAX_NEW_TOKENS = caption_token_budget()
 
 
-@dataclass(frozen=True)
+@config_class
 class CaptionConfig(VLMConfig):
     """The VLM settings (datagen.stages.vlm.VLMConfig) plus the caption_ns regeneration budget.
 
     `max_new_tokens` defaults to CAPTION_MAX_NEW_TOKENS, the budget of the prompts' word limits.
     """
 
-    max_new_tokens: int = CAPTION_MAX_NEW_TOKENS
-    max_retries: int = 3  # caption_ns generations in all (the first included) before a reject
+    max_new_tokens: PositiveInt = CAPTION_MAX_NEW_TOKENS
+    # caption_ns generations in all (the first included) before a reject
+    max_retries: PositiveInt = 3
     # A caption cut off at max_new_tokens is rejected. Only the tiny profile turns this off:
     # its random-weight twin never ends a sentence, and the demo still has to produce rows.
     accept_truncated: bool = False
-
-    def __post_init__(self) -> None:
-        super().__post_init__()
-        if not isinstance(self.max_retries, int) or self.max_retries < 1:
-            raise ValueError(f"max_retries must be an integer >= 1, got {self.max_retries!r}")
 
 
 @dataclass(frozen=True)

@@ -28,38 +28,35 @@ from __future__ import annotations
 
 import hashlib
 from dataclasses import dataclass
+from typing import Annotated
 
 import numpy as np
 from PIL import Image
+from pydantic import Field
 
+from datagen.core.config import PositiveInt, config_class
 from datagen.core.stage import ModelRef, Reject, Resources, Stage, pick_device
-from datagen.models.registry import PROFILES, resolve
+from datagen.models.registry import Profile, resolve
 
 CONTROL_KINDS = ("depth", "pose", "dwpose")
 MODEL_KEYS = {"depth": "depth_anything", "pose": "annotators", "dwpose": "dwpose"}
 STYLIZE_CONTROL = "depth"  # what the stylize step's ControlNet is conditioned on, for every kind
+MinResolution = Annotated[int, Field(ge=64)]  # a pose detector's working size, in pixels
 
 
-@dataclass(frozen=True)
+@config_class
 class ControlConfig:
-    kind: str = "depth"
-    profile: str = "tiny"
+    kind: str = "depth"  # one of CONTROL_KINDS (checked below, in the message "control kind")
+    profile: Profile = "tiny"
     tiny_dir: str | None = None
     hub_id: str | None = None  # override the production repo (e.g. a Depth-Anything-V2 Small)
-    frame_batch: int = 16  # frames per depth forward pass
-    pose_detect_resolution: int = 512  # OpenPose's working size (production default)
-    dwpose_resolution: int = 1024  # DWPose's short side: VACE's RESIZE_SIZE (pose.py:41)
+    frame_batch: PositiveInt = 16  # frames per depth forward pass
+    pose_detect_resolution: MinResolution = 512  # OpenPose's working size (production default)
+    dwpose_resolution: MinResolution = 1024  # DWPose's short side: VACE's RESIZE_SIZE (pose.py:41)
 
     def __post_init__(self) -> None:
         if self.kind not in CONTROL_KINDS:
             raise ValueError(f"control kind must be one of {CONTROL_KINDS}, got {self.kind!r}")
-        if self.profile not in PROFILES:
-            raise ValueError(f"profile must be one of {PROFILES}, got {self.profile!r}")
-        if self.frame_batch < 1:
-            raise ValueError(f"frame_batch must be >= 1, got {self.frame_batch}")
-        for name in ("pose_detect_resolution", "dwpose_resolution"):
-            if getattr(self, name) < 64:
-                raise ValueError(f"{name} must be >= 64")
 
 
 @dataclass(frozen=True)

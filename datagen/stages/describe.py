@@ -2,7 +2,7 @@
 
 InstantStyle conditions SDXL on a prompt that says what to draw before the style words ("a man,
 masterpiece, ...", instantX-research/InstantStyle infer_style_controlnet.py:44), and the animate
-prompt should say what moves. Both get this sentence: the VLM (datagen/stages/vlm.py, the caption
+prompt should say what moves. Both get this sentence: the VLM (datagen/stages/vlm/, the caption
 backend) looks at the raw clip's first frame and its K reference frames (spread over the clip)
 and answers under the `caption_ns` rules: content only, no style, palette, texture or tone
 words and no colours (the stylized member's colours differ), checked against the style
@@ -22,6 +22,7 @@ from dataclasses import asdict, dataclass
 
 import numpy as np
 
+from datagen.core.config import PositiveInt, config_class
 from datagen.core.stage import Reject, Resources
 from datagen.stages.caption import CaptionConfig, WritingStage, caption_token_budget
 from datagen.stages.vlm import Turn, check_videos, load_prompt, prompt_sha256, sample_video
@@ -38,11 +39,11 @@ def content_first(content: str, rest: str) -> str:
     return f"{content}, {rest}" if content else rest
 
 
-@dataclass(frozen=True)
+@config_class
 class DescribeConfig(CaptionConfig):
     """The caption stage's VLM settings, with the budget of a CONTENT_MAX_WORDS sentence."""
 
-    max_new_tokens: int = caption_token_budget(CONTENT_MAX_WORDS)
+    max_new_tokens: PositiveInt = caption_token_budget(CONTENT_MAX_WORDS)
 
 
 @dataclass(frozen=True)

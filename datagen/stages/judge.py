@@ -1,4 +1,4 @@
-"""VLM judge: the optional `vlm_verdict` score of a pair (see datagen/stages/vlm.py for the VLM).
+"""VLM judge: the optional `vlm_verdict` score of a pair (see datagen/stages/vlm/ for the VLM).
 
 The VLM sees the raw video (A) and the stylized video (B) and answers three questions as a JSON
 object (prompts/judge.txt): same content and motion? style applied? visible artifacts? The
@@ -15,6 +15,7 @@ from dataclasses import asdict, dataclass
 
 import numpy as np
 
+from datagen.core.config import PositiveInt, config_class
 from datagen.core.stage import Reject, Resources
 from datagen.stages.vlm import (
     Turn,
@@ -33,9 +34,9 @@ _YES = {"yes", "y", "true"}
 _NO = {"no", "n", "false"}
 
 
-@dataclass(frozen=True)
+@config_class
 class JudgeConfig(VLMConfig):
-    max_new_tokens: int = 160  # three answers and a one-sentence reason
+    max_new_tokens: PositiveInt = 160  # three answers and a one-sentence reason
 
 
 @dataclass(frozen=True)

@@ -12,10 +12,9 @@ from dataclasses import dataclass, field
 
 import pyarrow.parquet as pq
 
-from datagen.build.pipeline import BuildConfig
+from datagen.build.plan import plan_of
+from datagen.build.settings import BuildConfig
 from datagen.data.dataset import hidden_temporaries, list_shards, read_index, read_rejects
-from datagen.data.styles import load_style_library
-from datagen.stages.plan import plan_samples
 
 
 @dataclass
@@ -33,15 +32,7 @@ class AuditReport:
 def audit_build(config: BuildConfig, complete: bool = True) -> AuditReport:
     """Check the dataset of `config` against its plan. With `complete=False` (after a crash,
     before the rerun) only consistency is checked, not that every sample is accounted for."""
-    plan = plan_samples(
-        config.source,
-        load_style_library(),
-        style_ids=list(config.styles) or None,
-        settings=config.clip_settings(),
-        clips_per_video=config.clips_per_video,
-        limit=config.limit,
-        seed=config.seed,
-    )
+    plan = plan_of(config)
     planned = {s.sample_id for s in plan.samples} | {r.sample_id for _, r in plan.rejects}
     report = AuditReport(planned=len(planned))
     directory = config.dataset_dir

@@ -1,6 +1,6 @@
 // datagen review: the page of `datagen review SFT_DIR` (plain JS, no build step, no CDN).
 //
-// Talks to the JSON API of datagen/review.py. Every decision is sent with the revision of the
+// Talks to the JSON API of datagen/review/app.py. Every decision is sent with the revision of the
 // sample this page showed; the server refuses a stale one with 409, and the page then shows
 // the other decision and lets the reviewer override it on purpose (key o).
 "use strict";
