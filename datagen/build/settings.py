@@ -273,6 +273,11 @@ class BuildConfig:
     shards_in_flight: PositiveInt = setting(
         2, "Shards between plan and write at once (bounds memory)."
     )
+    gpu_memory_gb: Annotated[float, Field(gt=0)] | None = setting(
+        None,
+        "GB of memory of one GPU, for steps that share GPUs when there are fewer GPUs than "
+        "steps (default 80: an H100).",
+    )
 
     def __post_init__(self) -> None:
         problems, mistyped = field_problems(self)
@@ -421,7 +426,7 @@ class BuildConfig:
 
 
 # BuildConfig fields that do not change a build's output, left out of its work_root key.
-WORK_KEY_EXCLUDED = frozenset({"vlm_api_key_block", "stylize_api_key_block"})
+WORK_KEY_EXCLUDED = frozenset({"vlm_api_key_block", "stylize_api_key_block", "gpu_memory_gb"})
 
 # The fields' types (their bounds and choices included) are checked by pydantic, strictly (no
 # bool for an int, no "3" for a number), here rather than by making BuildConfig a pydantic

@@ -9,17 +9,33 @@ from typing import Any
 
 from datagen.build.settings import BuildConfig
 from datagen.build.stage_configs import stage_factories
-from datagen.core.stage import Resources
+from datagen.run.costs import step_cost
 from datagen.run.local import ComputeThreadRunner, LocalRunner
+from datagen.run.placement import Node, PoolPlan, StepDemand, plan_pools
+
+DEFAULT_GPU_MEMORY_GB = 80.0  # an H100 (80 GB); an H200 has 141
 
 
-def local_resources(declared: Resources, stages: int, cpus: float, gpus: float) -> Resources:
-    """Fit a stage's declared resources on a small local Ray: without GPUs, none are asked
-    for; CPUs are shared out so every stage's actor can start (Ray schedules by logical
-    resources, and five actors asking one CPU each never all start on two cores)."""
-    num_gpus = declared.num_gpus if gpus >= 1 else 0.0
-    num_cpus = min(declared.num_cpus, max(cpus / (stages + 1), 0.05))
-    return Resources(num_gpus=num_gpus, num_cpus=round(num_cpus, 2))
+def pool_plans(config: BuildConfig, factories: dict, nodes: list[Node]) -> dict[str, PoolPlan]:
+    """Each step's actor count and per-actor request on `nodes` (run/placement.py)."""
+    demands = []
+    for name, factory in factories.items():
+        cost = step_cost(config.profile, name)
+        demands.append(
+            StepDemand(name, factory().resources, cost.seconds_per_sample, cost.gpu_memory_gb)
+        )
+    return plan_pools(demands, nodes, config.gpu_memory_gb or DEFAULT_GPU_MEMORY_GB)
+
+
+def ray_nodes() -> list[Node]:
+    """The live nodes of the connected Ray cluster, with their logical CPUs and GPUs."""
+    import ray
+
+    return [
+        Node(n["NodeID"], n["Resources"].get("CPU", 0.0), n["Resources"].get("GPU", 0.0))
+        for n in ray.nodes()
+        if n.get("Alive")
+    ]
 
 
 def prefect_api_url() -> str:
@@ -36,7 +52,8 @@ def prefect_api_url() -> str:
 
 @contextlib.contextmanager
 def stage_runners(config: BuildConfig, use_ray: bool):
-    """Start one runner per stage (Ray actor pools, or in-process stages) and stop them.
+    """Start one runner per step (Ray actor pools sized by run/placement.py, or in-process
+    stages) and stop them.
 
     A stage whose API key is in a Prefect Secret block reads the block in its actor, when it
     loads: its actors get PREFECT_API_URL, the API this flow uses (nothing secret: Prefect
@@ -55,22 +72,14 @@ def stage_runners(config: BuildConfig, use_ray: bool):
 
             started_ray = not ray.is_initialized()
             init_ray()
-            total = ray.cluster_resources()
             cluster = bool(os.environ.get("RAY_ADDRESS"))
             prefect_env = {"PREFECT_API_URL": prefect_api_url()} if blocks else None
+            plans = pool_plans(config, factories, ray_nodes())  # fails at once if unplaceable
             for name, factory in factories.items():
-                declared = factory().resources
-                resources = (
-                    declared
-                    if cluster
-                    else local_resources(
-                        declared, len(factories), total.get("CPU", 1), total.get("GPU", 0)
-                    )
-                )
                 runners[name] = StagePool(
                     factory,
-                    resources,
-                    size=1,
+                    plans[name].resources,
+                    size=plans[name].actors,
                     torch_threads=None if cluster else 1,
                     call_timeout_s=config.stage_timeout_s,
                     name=name,

@@ -2,9 +2,10 @@
 
 Ray remote *functions* with `num_gpus > 0` default to `max_calls=1` (the worker exits after each
 call), so a model in a plain task would reload every time; each stage therefore lives in an
-actor (`StageActor`) that calls `Stage.setup()` once in its constructor. `StagePool` spreads
-batches over a stage's actors with a bound on batches in flight, so a slow stage applies
-backpressure instead of flooding the object store. Stage resources are translated to Ray
+actor (`StageActor`) that calls `Stage.setup()` once in its constructor. `StagePool` sends each
+batch to the least busy of a stage's actors, with a bound on batches in flight, so a slow stage
+applies backpressure instead of flooding the object store and a slow batch never leaves the
+other actors idle. Stage resources are translated to Ray
 options here and nowhere else.
 """
 
@@ -13,8 +14,8 @@ from __future__ import annotations
 import contextlib
 import os
 import socket
+import threading
 import time
-from collections import deque
 from collections.abc import Callable, Iterable, Iterator
 from typing import Any
 
@@ -32,6 +33,7 @@ def ray_options(resources: Resources) -> dict[str, Any]:
 def init_ray(
     address: str | None = None,
     num_cpus: int | None = None,
+    num_gpus: int | None = None,
     object_store_bytes: int | None = None,
     runtime_env: dict | None = None,
 ) -> None:
@@ -52,6 +54,7 @@ def init_ray(
     ray.init(
         address="local",
         num_cpus=num_cpus,
+        num_gpus=num_gpus,
         object_store_memory=object_store_bytes or DEFAULT_OBJECT_STORE_BYTES,
         include_dashboard=False,
         dashboard_host="127.0.0.1",
@@ -99,8 +102,17 @@ class StageActor:
         return socket.gethostname(), os.getpid()
 
 
+class StageStartError(RuntimeError):
+    """A stage's actors did not start (not placeable on the cluster, or failed to load)."""
+
+
+# How long a pool waits for its actors' models to load (a 14B model loads in about a minute;
+# longer means Ray cannot place the actors, e.g. the resources are held by another job).
+START_TIMEOUT_S = 900.0
+
+
 class StagePool:
-    """A stage's actors and an ordered, backpressured `map` over batches.
+    """A stage's actors and a backpressured `map` over batches, results as they complete.
 
     Failure handling: an actor that dies mid-batch is replaced (its model loads again) and the
     batch retried once; a second death of the same batch raises, for Prefect's task retry. A
@@ -118,6 +130,7 @@ class StagePool:
         call_timeout_s: float | None = None,
         name: str | None = None,
         env: dict[str, str] | None = None,
+        start_timeout_s: float = START_TIMEOUT_S,
     ):
         """`env`: environment variables of the actors' processes (Ray merges them with the
         job's runtime_env); never a secret, as Ray keeps runtime_envs in its control store."""
@@ -140,13 +153,26 @@ class StagePool:
         self._factory, self._torch_threads = factory, torch_threads
         self.replacements = 0
         self._processes: list[tuple[str, int]] = []  # every actor process ever started
+        self.resources = resources
         self.actors = [self._start_actor() for _ in range(size)]
+        self._load = [0] * size  # batches in flight per actor (shard tasks share the pool)
+        self._load_lock = threading.Lock()
+        deadline = time.monotonic() + start_timeout_s
         for index, actor in enumerate(self.actors):  # models are loaded once these answer
             try:
-                self._processes.append(ray.get(actor.ready.remote()))
+                left = max(deadline - time.monotonic(), 0.1)
+                self._processes.append(ray.get(actor.ready.remote(), timeout=left))
             except ray.exceptions.RayActorError:
                 self._replace(index, actor)  # died while loading: one more try
-        self._next = 0
+            except ray.exceptions.GetTimeoutError:
+                free, total = ray.available_resources(), ray.cluster_resources()
+                self.shutdown(wait_s=0)
+                raise StageStartError(
+                    f"{self.name}: {size} actor(s) asking {resources.num_gpus:g} GPU + "
+                    f"{resources.num_cpus:g} CPU each did not start within "
+                    f"{start_timeout_s:g} s; the cluster has {_gpus_cpus(total)}, "
+                    f"{_gpus_cpus(free)} free"
+                ) from None
 
     def _start_actor(self):
         return self._remote_class.remote(self._factory, self._torch_threads)
@@ -164,18 +190,34 @@ class StagePool:
         self.replacements += 1
 
     def map(self, batches: Iterable[list]) -> Iterator[list]:
-        """Process batches on the actors, yielding results in input order; at most
-        `max_in_flight` batches are submitted but not yet consumed."""
-        pending: deque = deque()
+        """Process batches on the actors, yielding each batch's results as it completes.
+
+        Each batch goes to a free actor (not round-robin; with every actor busy, it waits for
+        the first to finish), and at most `max_in_flight` batches are submitted but not yet
+        consumed."""
+        pending: dict = {}  # ref -> (batch, actor index, actor), oldest first
         for batch in batches:
-            if len(pending) >= self.max_in_flight:
-                yield self._collect(*pending.popleft())
-            index = self._next % self.size
-            self._next += 1
+            # wait for a free actor rather than queue behind a busy one (a straggler would
+            # hold the queued batch up); a pool busy with other shards' batches is queued on
+            while pending and (len(pending) >= self.max_in_flight or min(self._load) > 0):
+                yield self._next_done(pending)
+            with self._load_lock:
+                index = min(range(self.size), key=self._load.__getitem__)
+                self._load[index] += 1
             actor = self.actors[index]
-            pending.append((batch, index, actor, actor.process.remote(batch)))
+            pending[actor.process.remote(batch)] = (batch, index, actor)
         while pending:
-            yield self._collect(*pending.popleft())
+            yield self._next_done(pending)
+
+    def _next_done(self, pending: dict) -> list:
+        import ray
+
+        ready, _ = ray.wait(list(pending), num_returns=1, timeout=self.call_timeout_s)
+        ref = ready[0] if ready else next(iter(pending))  # none done in time: the oldest hung
+        batch, index, actor = pending.pop(ref)
+        with self._load_lock:
+            self._load[index] -= 1
+        return self._collect(batch, index, actor, ref)
 
     def _collect(self, batch: list, index: int, actor, ref) -> list:
         import ray
@@ -243,3 +285,7 @@ def _alive(pid: int) -> bool:
     except PermissionError:  # another user's process now holds the number
         return False
     return True
+
+
+def _gpus_cpus(resources: dict) -> str:
+    return f"{resources.get('GPU', 0):g} GPU + {resources.get('CPU', 0):g} CPU"

@@ -1,0 +1,154 @@
+"""How many actors each step gets, and what each asks for, on the cluster at hand.
+
+Pure arithmetic, no Ray: the Ray executor passes the nodes' resources in. Three rules:
+
+1. Every step gets one actor that can be placed, or the build fails at once with a message
+   naming what was asked and what the cluster has (a request no node can hold would otherwise
+   leave Ray waiting forever, silently).
+2. With fewer GPUs than the steps ask for one actor each, the steps share GPUs: each GPU step
+   asks the fraction of a GPU its models take (`gpu_memory_gb` of the cost table over the
+   GPU's memory), the whole set must fit one GPU's memory, and each step keeps one actor.
+3. The GPUs left over go, one actor at a time, to the step that limits the pairs per second
+   (the fewest actors per second of its cost per sample): throughputs balance, so the animate
+   step, about 95% of the GPU time, gets most GPUs. Runs without GPUs keep one actor per step
+   (more copies of a model on the same cores add memory, not speed).
+"""
+
+from __future__ import annotations
+
+import math
+from dataclasses import dataclass
+
+from datagen.core.stage import Resources
+
+# Fractions of a GPU are asked in hundredths (Ray accepts 0.0001; hundredths read better).
+GPU_QUANTUM = 0.01
+
+
+class PlacementError(RuntimeError):
+    """The build's steps cannot all be placed on this cluster."""
+
+
+@dataclass(frozen=True)
+class StepDemand:
+    """What one step asks of the cluster."""
+
+    name: str
+    resources: Resources  # one actor's declared request
+    cost_s: float  # device seconds per sample (the cost table, or measured)
+    gpu_memory_gb: float  # what one actor's models take on a GPU
+    max_actors: int | None = None
+
+
+@dataclass(frozen=True)
+class Node:
+    node_id: str
+    cpus: float
+    gpus: float
+
+
+@dataclass(frozen=True)
+class PoolPlan:
+    name: str
+    actors: int
+    resources: Resources  # of each actor
+
+
+def plan_pools(
+    demands: list[StepDemand], nodes: list[Node], gpu_memory_gb: float = 80.0
+) -> dict[str, PoolPlan]:
+    """An actor count and per-actor request for every step (see the module docstring)."""
+    if not nodes:
+        raise PlacementError("the Ray cluster has no live nodes")
+    have_gpus = any(node.gpus >= GPU_QUANTUM for node in nodes)
+    requests = {d.name: _fit_cpus(d.resources, len(demands), nodes) for d in demands}
+    if not have_gpus:
+        requests = {name: Resources(0.0, r.num_cpus) for name, r in requests.items()}
+    else:
+        _check_whole_gpus(demands, nodes)
+    free = {node.node_id: [node.cpus, node.gpus] for node in nodes}
+    shared = not _place_all(requests, free)
+    if shared:
+        requests = _shared_gpu_requests(demands, requests, nodes, gpu_memory_gb)
+        free = {node.node_id: [node.cpus, node.gpus] for node in nodes}
+        if not _place_all(requests, free):
+            raise PlacementError(_describe(requests, nodes, "cannot place one actor per step"))
+    actors = dict.fromkeys(requests, 1)
+    # Steps that share a GPU share its compute too: a second actor there adds no speed.
+    while have_gpus and not shared:
+        # the bottleneck: the step with the fewest samples per second
+        growable = [d for d in demands if d.max_actors is None or actors[d.name] < d.max_actors]
+        if not growable:
+            break
+        slowest = min(growable, key=lambda d: actors[d.name] / max(d.cost_s, 1e-9))
+        if requests[slowest.name].num_gpus == 0 or not _place(requests[slowest.name], free):
+            break  # more of anything else would not raise the pairs per second
+        actors[slowest.name] += 1
+    return {name: PoolPlan(name, actors[name], requests[name]) for name in requests}
+
+
+def _fit_cpus(resources: Resources, steps: int, nodes: list[Node]) -> Resources:
+    """CPU-only or not, an actor asks at most its share of the smallest node's CPUs, so every
+    step's actor can start on a small machine (Ray schedules by logical CPUs)."""
+    share = max(min(node.cpus for node in nodes) / (steps + 1), 0.05)
+    return Resources(resources.num_gpus, round(min(resources.num_cpus, share), 2))
+
+
+def _check_whole_gpus(demands: list[StepDemand], nodes: list[Node]) -> None:
+    largest = max(node.gpus for node in nodes)
+    for demand in demands:
+        if demand.resources.num_gpus > max(largest, 1.0):
+            raise PlacementError(
+                f"step {demand.name!r} asks {demand.resources.num_gpus:g} GPUs per actor, "
+                f"but the largest node has {largest:g} ({_cluster(nodes)})"
+            )
+
+
+def _shared_gpu_requests(
+    demands: list[StepDemand], requests: dict[str, Resources], nodes, gpu_memory_gb: float
+) -> dict[str, Resources]:
+    """GPU steps share a GPU: each asks the fraction its models take of a GPU's memory."""
+    on_gpu = [d for d in demands if d.resources.num_gpus > 0]
+    total = sum(d.gpu_memory_gb for d in on_gpu)
+    if total > gpu_memory_gb:
+        needs = ", ".join(f"{d.name} {d.gpu_memory_gb:g}" for d in on_gpu)
+        raise PlacementError(
+            f"the steps ask {sum(d.resources.num_gpus for d in on_gpu):g} GPUs and the "
+            f"cluster has {sum(n.gpus for n in nodes):g} ({_cluster(nodes)}); sharing GPUs, "
+            f"their models need {total:g} GB together ({needs}) and a GPU has "
+            f"{gpu_memory_gb:g} GB (setting gpu_memory_gb): add GPUs or use larger ones"
+        )
+    shared = dict(requests)
+    for demand in on_gpu:
+        fraction = math.ceil(demand.gpu_memory_gb / gpu_memory_gb / GPU_QUANTUM) * GPU_QUANTUM
+        shared[demand.name] = Resources(
+            round(max(fraction, GPU_QUANTUM), 2), requests[demand.name].num_cpus
+        )
+    return shared
+
+
+def _place_all(requests: dict[str, Resources], free: dict[str, list[float]]) -> bool:
+    # largest GPU requests first: a whole-GPU actor must not find its GPU split already
+    order = sorted(requests.values(), key=lambda r: (-r.num_gpus, -r.num_cpus))
+    return all(_place(request, free) for request in order)
+
+
+def _place(request: Resources, free: dict[str, list[float]]) -> bool:
+    """Take `request` from the first node that holds it (whole GPUs from one node)."""
+    for room in free.values():
+        if room[0] + 1e-9 >= request.num_cpus and room[1] + 1e-9 >= request.num_gpus:
+            room[0] -= request.num_cpus
+            room[1] -= request.num_gpus
+            return True
+    return False
+
+
+def _cluster(nodes: list[Node]) -> str:
+    return "; ".join(f"{n.node_id[:12]}: {n.cpus:g} CPUs, {n.gpus:g} GPUs" for n in nodes)
+
+
+def _describe(requests: dict[str, Resources], nodes: list[Node], what: str) -> str:
+    asked = ", ".join(
+        f"{name} {r.num_gpus:g} GPU + {r.num_cpus:g} CPU" for name, r in requests.items()
+    )
+    return f"{what}: asked {asked}; the cluster has {_cluster(nodes)}"

@@ -1,0 +1,94 @@
+"""Pool sizes and per-actor requests on a cluster (datagen/run/placement.py): every step
+placed or a clear error at once, steps share a scarce GPU, spare GPUs go to the bottleneck."""
+
+from __future__ import annotations
+
+import pytest
+
+from datagen.core.stage import Resources
+from datagen.run.costs import PRODUCTION, TINY
+from datagen.run.placement import Node, PlacementError, StepDemand, plan_pools
+
+# What the stages declare today (their default Resources) for a CT build with judge off.
+DECLARED = {
+    "control": Resources(0.25, 1),
+    "describe": Resources(1, 1),
+    "stylize": Resources(1, 1),
+    "animate": Resources(1, 1),
+    "caption": Resources(1, 1),
+    "score": Resources(0.25, 1),
+}
+
+
+def demands(costs=PRODUCTION) -> list[StepDemand]:
+    return [
+        StepDemand(name, resources, costs[name].seconds_per_sample, costs[name].gpu_memory_gb)
+        for name, resources in DECLARED.items()
+    ]
+
+
+def nodes(*gpus: float, cpus: float = 32) -> list[Node]:
+    return [Node(f"node-{i}", cpus, g) for i, g in enumerate(gpus)]
+
+
+def test_spare_gpus_go_to_animate_so_throughputs_balance():
+    plans = plan_pools(demands(), nodes(8, 8))
+    assert {n: p.actors for n, p in plans.items() if n != "animate"} == dict.fromkeys(
+        ["control", "describe", "stylize", "caption", "score"], 1
+    )
+    # 16 GPUs: 3.5 for one actor of each other step, the rest whole GPUs for animate
+    assert plans["animate"].actors == 12 and plans["animate"].resources.num_gpus == 1
+    used = sum(p.actors * p.resources.num_gpus for p in plans.values())
+    assert used <= 16
+
+
+def test_a_light_step_grows_when_it_becomes_the_bottleneck():
+    cheap_animate = [
+        StepDemand(d.name, d.resources, 0.1 if d.name == "animate" else d.cost_s, 1.0)
+        for d in demands()
+    ]
+    plans = plan_pools(cheap_animate, nodes(8))
+    assert plans["stylize"].actors > 1  # now the slowest step per sample
+
+
+def test_one_gpu_is_shared_by_memory_when_the_models_fit():
+    plans = plan_pools(demands(TINY), nodes(1))
+    assert all(p.actors == 1 for p in plans.values())
+    assert sum(p.resources.num_gpus for p in plans.values()) <= 1
+    assert all(p.resources.num_gpus > 0 for p in plans.values())
+
+
+def test_two_gpus_hold_what_asks_three_and_a_half():
+    plans = plan_pools(demands(TINY), nodes(1, 1))
+    assert all(p.actors == 1 and 0 < p.resources.num_gpus < 1 for p in plans.values())
+
+
+def test_production_models_that_do_not_fit_one_gpu_fail_at_once_with_what_was_asked():
+    with pytest.raises(PlacementError) as raised:
+        plan_pools(demands(), nodes(1), gpu_memory_gb=80)
+    message = str(raised.value)
+    assert "ask 4.5 GPUs" in message and "has 1" in message
+    assert "120 GB together" in message and "80 GB" in message
+    # an H200's 141 GB holds them all
+    plans = plan_pools(demands(), nodes(1), gpu_memory_gb=141)
+    assert plans["animate"].resources.num_gpus == pytest.approx(0.43)
+
+
+def test_a_request_larger_than_every_node_is_an_error_naming_both():
+    greedy = [*demands(), StepDemand("huge", Resources(4, 1), 1.0, 1.0)]
+    with pytest.raises(PlacementError, match=r"'huge' asks 4 GPUs per actor.*largest node has 2"):
+        plan_pools(greedy, nodes(2, 2))
+
+
+def test_without_gpus_every_step_runs_on_cpu_with_one_actor():
+    plans = plan_pools(demands(), nodes(0, cpus=2))
+    assert all(p.actors == 1 and p.resources.num_gpus == 0 for p in plans.values())
+    # CPUs shared out so that every actor starts on two cores
+    assert sum(p.resources.num_cpus for p in plans.values()) <= 2
+
+
+def test_max_actors_caps_a_pool():
+    capped = [
+        StepDemand(d.name, d.resources, d.cost_s, d.gpu_memory_gb, max_actors=2) for d in demands()
+    ]
+    assert plan_pools(capped, nodes(8))["animate"].actors == 2
