@@ -9,7 +9,7 @@ import pytest
 from helpers import make_bad_corpus
 
 from datagen.build.execute import run_step
-from datagen.build.plan import plan_build
+from datagen.build.plan import Accounted, plan_build
 from datagen.build.row import collect_provenance
 from datagen.build.settings import BuildConfig, BuildConfigError
 from datagen.build.stage_configs import stage_factories
@@ -258,3 +258,30 @@ def test_work_dir_key_is_unchanged_and_ignores_where_keys_come_from(monkeypatch,
     other = dataclasses.replace(with_blocks, vlm_api_key_block="another-vlm-key")
     assert other.work_root == servers.work_root
     assert dataclasses.replace(servers, caption_model="other-vlm").work_root != servers.work_root
+
+
+def test_a_build_reads_what_the_dataset_holds_once_not_per_shard(
+    sources, runners, tmp_path, monkeypatch
+):
+    import datagen.build.plan as plan_module
+
+    reads = []
+    real = plan_module.accounted_for
+    monkeypatch.setattr(plan_module, "accounted_for", lambda d: reads.append(d) or real(d))
+    config = BuildConfig(
+        source=str(sources), out=str(tmp_path / "out"), shard_size=1, limit=3, csd_threshold=-1.0
+    )
+    accounted = Accounted(config.dataset_dir)
+    plan = plan_build(config, accounted)
+    provenance = collect_provenance(runners)
+    for number, shard in enumerate(plan.shards):
+        work = ShardWork(config.work_root, shard)
+        for name in runners:
+            run_step(step(name), work, config, runners[name])
+        if number == 2:  # as if an earlier attempt of this write had begun and stopped
+            accounted.for_shard(shard)
+        run_write(work, config, provenance, accounted=accounted)
+    assert len(plan.shards) == 3
+    assert len(reads) == 2, "read once for the plan, once more for the interrupted shard only"
+    assert len(Dataset(config.dataset_dir).index()) == 3
+    assert validate_dataset(config.dataset_dir).ok

@@ -314,3 +314,46 @@ def test_a_build_runs_on_fewer_gpus_than_its_steps_ask(gpus, tmp_path):
         assert validate_dataset(config.dataset_dir).ok
     finally:
         shutdown_ray()
+
+
+LOOPBACK = {"127.0.0.1", "::ffff:127.0.0.1", "::1"}
+
+
+def test_the_embedded_ray_listens_on_loopback_only(tmp_path):
+    # A fresh process, as `datagen build` is: every Ray process it starts binds loopback.
+    code = (
+        "import os, psutil\n"
+        "os.environ.pop('RAY_ADDRESS', None)\n"
+        "from datagen.run.ray import init_ray, shutdown_ray\n"
+        "import ray\n"
+        "init_ray(num_cpus=1)\n"
+        "ray.get(ray.remote(lambda: 1).remote())\n"
+        "me = psutil.Process()\n"
+        "found = set()\n"
+        "for process in [me, *me.children(recursive=True)]:\n"
+        "    try:\n"
+        "        for c in process.net_connections(kind='inet'):\n"
+        "            if c.status == psutil.CONN_LISTEN:\n"
+        "                found.add((process.name(), c.laddr.ip))\n"
+        "    except psutil.Error:\n"
+        "        pass\n"
+        "print(sorted(found))\n"
+        "print(ray.util.get_node_ip_address())\n"
+        "shutdown_ray()\n"
+    )
+    import ast
+    import os
+    import subprocess
+    import sys
+
+    env = {k: v for k, v in os.environ.items() if not k.startswith("RAY_ENABLE")}
+    result = subprocess.run(
+        [sys.executable, "-c", code], capture_output=True, text=True, timeout=180, env=env
+    )
+    assert result.returncode == 0, result.stderr[-2000:]
+    listeners_line, node_ip = result.stdout.strip().splitlines()[-2:]
+    listeners = ast.literal_eval(listeners_line)
+    assert node_ip == "127.0.0.1"
+    names = {name for name, _ in listeners}
+    assert {"gcs_server", "raylet"} <= names, listeners
+    assert {ip for _, ip in listeners} <= LOOPBACK, listeners

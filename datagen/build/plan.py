@@ -3,6 +3,7 @@ as shard manifests (the `plan.sample` every later step reads)."""
 
 from __future__ import annotations
 
+import threading
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -35,16 +36,18 @@ def plan_of(config: BuildConfig) -> Plan:
     )
 
 
-def plan_build(config: BuildConfig) -> PlanResult:
+def plan_build(config: BuildConfig, accounted: Accounted | None = None) -> PlanResult:
     """Plan the run, drop samples already committed or rejected, write shard manifests."""
     plan = plan_of(config)
-    committed, rejected = accounted_for(config.dataset_dir)
+    accounted = accounted or Accounted(config.dataset_dir)
+    committed, rejected = accounted.committed, accounted.rejected
     todo = [s for s in plan.samples if s.sample_id not in committed | rejected]
     new_rejects = [(uri, r) for uri, r in plan.rejects if r.sample_id not in rejected]
     if new_rejects:
         with RejectsWriter(config.dataset_dir) as writer:
             for uri, reject in new_rejects:
                 writer.add(reject.sample_id, uri, reject.stage, reject.reason, reject.detail)
+        accounted.add(rejected=[reject.sample_id for _, reject in new_rejects])
     shards = []
     for number, group in enumerate(shards_of(todo, config.shard_size)):
         name = f"shard-{number:05d}"
@@ -57,6 +60,39 @@ def plan_build(config: BuildConfig) -> PlanResult:
         skipped_rejected=sum(s.sample_id in rejected for s in plan.samples),
         plan_rejects=len(new_rejects),
     )
+
+
+class Accounted:
+    """The sample ids a dataset holds, read once per build and kept up to date by the build's
+    own writes.
+
+    The build holds the dataset's lock, so no other writer adds ids meanwhile: each shard's
+    write checks its samples here rather than reading every committed and rejected id again
+    (which made a long build quadratic in its shards). The retry of a shard whose write
+    stopped part-way checks against the dataset itself, once.
+    """
+
+    def __init__(self, dataset_dir: Path):
+        self.dataset_dir = dataset_dir
+        self.committed, self.rejected = accounted_for(dataset_dir)
+        self._interrupted: set[str] = set()  # shards whose write began and did not finish
+        self._lock = threading.Lock()  # write tasks of neighbouring shards run concurrently
+
+    def for_shard(self, shard: str) -> tuple[set[str], set[str]]:
+        """(committed, rejected) to check `shard`'s samples against, as its write begins."""
+        with self._lock:
+            interrupted = shard in self._interrupted
+            self._interrupted.add(shard)
+        if interrupted:  # some of its rows or rejects may be in the dataset already
+            return accounted_for(self.dataset_dir)
+        return self.committed, self.rejected
+
+    def add(self, committed=(), rejected=(), shard: str | None = None) -> None:
+        """Ids this build wrote; with `shard`, that shard's write is complete."""
+        with self._lock:
+            self.committed.update(committed)
+            self.rejected.update(rejected)
+            self._interrupted.discard(shard)
 
 
 def accounted_for(dataset_dir: Path) -> tuple[set[str], set[str]]:

@@ -8,7 +8,7 @@ from dataclasses import dataclass, field
 
 import pyarrow as pa
 
-from datagen.build.plan import accounted_for
+from datagen.build.plan import Accounted, accounted_for
 from datagen.build.row import assemble_row
 from datagen.build.settings import BuildConfig
 from datagen.build.steps import steps_for
@@ -51,17 +51,22 @@ def run_write(
     config: BuildConfig,
     provenance: dict[str, dict],
     limits: ShardLimits | None = None,
+    accounted: Accounted | None = None,
 ) -> WriteReport:
     """Assemble rows, apply the keep rule, commit the shard and its rejects, then remove the
     shard's work files. Samples already committed (a concurrent or earlier run) are skipped,
-    never written twice."""
+    never written twice: checked against `accounted`, the build's running account, or, without
+    one, against the dataset read now."""
     if not work.exists():
         # An earlier attempt of this task committed the shard and removed its work files,
         # then failed (reporting to Prefect, say): its retry has nothing left to write.
         return WriteReport(work.shard)
     library = load_style_library()
     last = steps_for(config)[-1].name
-    committed, already_rejected = accounted_for(config.dataset_dir)
+    if accounted is None:
+        committed, already_rejected = accounted_for(config.dataset_dir)
+    else:
+        committed, already_rejected = accounted.for_shard(work.shard)
     stage_rejects = work.rejects()
     samples = {s.sample_id: s for s in work.samples()}
     report = WriteReport(work.shard)
@@ -111,6 +116,15 @@ def run_write(
             reasons[f"filter/{reason}"] += 1
             report.filtered += 1
     report.reasons = dict(reasons)
+    if accounted is not None:
+        accounted.add(
+            committed=[row["sample_id"] for row in rows],
+            rejected=[
+                *(s for s in stage_rejects if s not in committed and s not in already_rejected),
+                *(row["sample_id"] for row, _, _ in filtered),
+            ],
+            shard=work.shard,
+        )
     work.remove()
     return report
 

@@ -21,7 +21,7 @@ from prefect.artifacts import create_progress_artifact, update_progress_artifact
 from prefect.cache_policies import NO_CACHE
 
 from datagen.build.execute import run_step
-from datagen.build.plan import plan_build
+from datagen.build.plan import Accounted, plan_build
 from datagen.build.row import collect_provenance
 from datagen.build.settings import BuildConfig
 from datagen.build.steps import step, steps_for
@@ -36,6 +36,8 @@ from datagen.run.report import publish_artifacts, runner_stats, summarize_build
 # Runners of the builds running in this process, by run key. Tasks run in threads of the flow
 # process, so they reach the actor pools here instead of receiving them as parameters.
 _RUNNERS: dict[str, dict[str, Any]] = {}
+# The running account of what each build's dataset holds (build/plan.py Accounted), by run key.
+_ACCOUNTED: dict[str, Accounted] = {}
 
 
 def check_key_blocks(config: BuildConfig) -> None:
@@ -51,8 +53,9 @@ def check_key_blocks(config: BuildConfig) -> None:
 
 
 @task(name="plan", retries=1, retry_delay_seconds=5, cache_policy=NO_CACHE)
-def plan_task(config: BuildConfig) -> dict:
-    result = plan_build(config)
+def plan_task(config: BuildConfig, run_key: str) -> dict:
+    _ACCOUNTED[run_key] = Accounted(config.dataset_dir)
+    result = plan_build(config, _ACCOUNTED[run_key])
     get_run_logger().info(
         "planned %d samples in %d shards (%d already committed, %d already rejected, "
         "%d sources rejected)",
@@ -94,8 +97,9 @@ def stage_task(stage: str, shard: str, config: BuildConfig, run_key: str) -> dic
     cache_policy=NO_CACHE,
     task_run_name="write-{shard}",
 )
-def write_task(shard: str, config: BuildConfig, provenance: dict) -> dict:
-    report = run_write(ShardWork(config.work_root, shard), config, provenance)
+def write_task(shard: str, config: BuildConfig, provenance: dict, run_key: str) -> dict:
+    work = ShardWork(config.work_root, shard)
+    report = run_write(work, config, provenance, accounted=_ACCOUNTED[run_key])
     get_run_logger().info(
         "write %s: %d rows, %d rejected, %d filtered out",
         shard,
@@ -122,9 +126,17 @@ def run_build(config: BuildConfig, use_ray: bool = True) -> dict:
 
 
 def _run_build_locked(config: BuildConfig, use_ray: bool) -> dict:
-    logger = get_run_logger()
     started = time.perf_counter()
-    plan = plan_task(config)
+    run_key = uuid.uuid4().hex
+    try:
+        return _run_planned_build(config, use_ray, run_key, started)
+    finally:
+        _ACCOUNTED.pop(run_key, None)
+
+
+def _run_planned_build(config: BuildConfig, use_ray: bool, run_key: str, started: float) -> dict:
+    logger = get_run_logger()
+    plan = plan_task(config, run_key)
     shards = plan["shards"]
     progress = create_progress_artifact(
         progress=0.0 if shards else 100.0,
@@ -133,7 +145,6 @@ def _run_build_locked(config: BuildConfig, use_ray: bool) -> dict:
     )
     if not shards:
         logger.info("nothing to do: every planned sample is committed or rejected")
-    run_key = uuid.uuid4().hex
     stage_names = [s.name for s in steps_for(config)]
     stage_reports: list[dict] = []
     write_reports: list[dict] = []
@@ -175,7 +186,7 @@ def _run_build_locked(config: BuildConfig, use_ray: bool) -> dict:
                         stage, shard, config, run_key, wait_for=[previous] if previous else None
                     )
                     futures.append(previous)
-                final = write_task.submit(shard, config, provenance, wait_for=[previous])
+                final = write_task.submit(shard, config, provenance, run_key, wait_for=[previous])
                 in_flight.append((shard, futures, final))
             while in_flight:
                 collect_oldest()

@@ -12,6 +12,7 @@ options here and nowhere else.
 from __future__ import annotations
 
 import contextlib
+import logging
 import os
 import socket
 import threading
@@ -23,6 +24,15 @@ from datagen.core.stage import Reject, Resources, Stage, StageStats
 
 # A small machine's object store: Ray's default is 30% of RAM in /dev/shm.
 DEFAULT_OBJECT_STORE_BYTES = 1 * 2**30
+
+# The embedded local Ray (no $RAY_ADDRESS) stays on loopback: with this variable at "0", Ray
+# takes 127.0.0.1 as the node IP of every process it starts, so the GCS, raylet, workers and
+# agents listen on 127.0.0.1 only (measured: tests/test_ray_adapter.py). Without it they listen
+# on all interfaces, guarded only by Ray's token. Ray reads it when it is first imported, so it
+# is set here, before this module imports Ray; a cluster ($RAY_ADDRESS) is left as it is.
+LOOPBACK_VARIABLE = "RAY_ENABLE_WINDOWS_OR_OSX_CLUSTER"
+if not os.environ.get("RAY_ADDRESS"):
+    os.environ.setdefault(LOOPBACK_VARIABLE, "0")
 
 
 def ray_options(resources: Resources) -> dict[str, Any]:
@@ -39,8 +49,8 @@ def init_ray(
 ) -> None:
     """Connect to `address` / $RAY_ADDRESS (a cluster), or start a private local instance.
 
-    The local instance binds its dashboard to 127.0.0.1 (or runs without one), sends no usage
-    stats, and caps the object store so a laptop keeps its memory.
+    The local instance listens on loopback only (LOOPBACK_VARIABLE), runs without a dashboard,
+    sends no usage stats, and caps the object store so a laptop keeps its memory.
     """
     import ray
 
@@ -51,6 +61,14 @@ def init_ray(
     if address:
         ray.init(address=address, log_to_driver=True, runtime_env=runtime_env)
         return
+    from ray._private import ray_constants
+
+    if ray_constants.ENABLE_RAY_CLUSTER:  # Ray was imported before this module set the variable
+        logging.getLogger(__name__).warning(
+            "the local Ray listens on all interfaces (guarded by its token): Ray was imported "
+            "before datagen could set %s=0; set it in the environment to keep Ray on loopback",
+            LOOPBACK_VARIABLE,
+        )
     ray.init(
         address="local",
         num_cpus=num_cpus,
