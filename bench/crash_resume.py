@@ -19,6 +19,7 @@ from __future__ import annotations
 
 import argparse
 import contextlib
+import itertools
 import os
 import random
 import signal
@@ -105,8 +106,12 @@ def run_harness(
     mid_write_every: int = 3,
     log=print,
 ) -> dict:
-    """Run the crash/resume rounds; return counts and the final audit (raises on a problem).
-    Every `mid_write_every`-th kill is aimed at a file being written (0: none)."""
+    """Run crash/resume rounds until `kills` kills have landed on a live build; return counts
+    and the final audit (raises on a problem). A round whose build finished before its kill
+    came is counted apart, never as a kill; after 3 x `kills` rounds the harness gives up
+    (raises). Every `mid_write_every`-th round is aimed at a file being written (0: none).
+    With `kill_actor`, a stage actor of a Ray build is killed mid-run, and not finding one
+    busy to kill is a failure."""
     rng = random.Random(seed)
     source = work / "sources"
     write_samples(source, SAMPLE_CLIPS[:3])
@@ -125,8 +130,15 @@ def run_harness(
         )
 
     config = cycle_config(cycle)
-    survived, finished_early, completed_cycles, mid_write = 0, 0, 0, 0
-    for round_number in range(kills):
+    landed, finished_early, completed_cycles, mid_write = 0, 0, 0, 0
+    for round_number in itertools.count():
+        if landed == kills:
+            break
+        if round_number == 3 * kills:
+            raise AssertionError(
+                f"only {landed} of {kills} kills landed on a live build in {round_number} rounds "
+                f"({finished_early} builds finished before their kill): lower max_delay_s"
+            )
         aimed = mid_write_every > 0 and round_number % mid_write_every == mid_write_every - 1
         delay = rng.uniform(1.0, max_delay_s)
         out = Path(config.out)
@@ -147,16 +159,17 @@ def run_harness(
                 process.wait(timeout=delay)
         if process.poll() is None:
             kill_group(process)
+            landed += 1
             mid_write += writing is not None
         else:
-            finished_early += 1  # the build finished before the kill came
+            finished_early += 1  # the build finished before the kill came: no kill point
         when = f"{time.monotonic() - started:5.1f} s" + (f" writing {writing}" if writing else "")
         audit = audit_build(config, complete=False)
         if not audit.ok:
             raise AssertionError(f"after kill {round_number} at {when}: {audit.problems}")
-        survived += 1
         log(
-            f"kill {round_number + 1}/{kills} at {when} (build {cycle}): consistent "
+            f"round {round_number + 1}, {landed}/{kills} kills landed, at {when} "
+            f"(build {cycle}): consistent "
             f"({audit.committed} committed, {audit.rejected} rejected so far)"
         )
         if audit.committed + audit.rejected == audit.planned:
@@ -177,12 +190,12 @@ def run_harness(
         raise AssertionError(f"after the final run: {audit.problems}")
     log(
         f"final: {audit.planned} planned = {audit.committed} committed + {audit.rejected} "
-        f"rejected; {survived} kill points survived ({mid_write} while a file was being "
-        f"written) over {completed_cycles + 1} builds ({finished_early} runs finished before "
-        "their kill)"
+        f"rejected; {landed} kills landed on a live build and were survived ({mid_write} while "
+        f"a file was being written) over {completed_cycles + 1} builds ({finished_early} runs "
+        "finished before their kill, not counted)"
     )
     return {
-        "kills": survived,
+        "kills": landed,
         "mid_write_kills": mid_write,
         "finished_before_kill": finished_early,
         "builds": completed_cycles + 1,
@@ -231,9 +244,11 @@ def kill_an_actor_mid_run(source: Path, out: Path, limit: int, env: dict, log) -
                     break
             except psutil.Error:
                 continue
-    if victim is not None:
-        victim.kill()
-        log(f"killed stage actor pid {victim.pid} mid-run")
+    if victim is None:
+        kill_group(process)
+        raise AssertionError("found no busy stage actor to kill within 300 s: nothing was tested")
+    victim.kill()
+    log(f"killed stage actor pid {victim.pid} mid-run")
     try:
         code = process.wait(timeout=900)
     finally:

@@ -4,6 +4,7 @@ written by an earlier step, and the declarations held to while the steps run."""
 from __future__ import annotations
 
 import dataclasses
+import time
 
 import numpy as np
 import pytest
@@ -97,3 +98,34 @@ def test_a_save_that_differs_from_the_declared_writes_fails(tmp_path, config):
     with pytest.raises(RuntimeError, match="declares"):
         run_step(lying, work, config, _Echo())
     assert not work.has("describe_again", "s1")
+
+
+class _Slow:
+    """A runner whose 'stage' takes 0.3 s per batch."""
+
+    def map(self, batches):
+        for batch in batches:
+            time.sleep(0.3)
+            yield list(batch)
+
+
+def test_a_steps_overhead_counts_its_own_work_and_not_the_stage(tmp_path, config):
+    work = ShardWork(tmp_path, "shard-00000")
+    work.write_manifest([sample("s1"), sample("s2")])
+
+    def slow_read(reads, context):
+        time.sleep(0.05)  # reading inputs: the step's own work, though the runner pulls it
+        return dataclasses.make_dataclass("In", ["sample_id"])(reads.sample_id)
+
+    timed = dataclasses.replace(
+        step("describe"),
+        name="timed",
+        reads=(),
+        read=slow_read,
+        save=lambda given, output, context: Saved(values={"content": "x"}),
+        writes=("timed.content",),
+        batch_size=lambda config: 1,
+    )
+    report = run_step(timed, work, config, _Slow())
+    assert report.done == 2
+    assert 0.1 <= report.overhead_s < 0.3, report.overhead_s  # two reads, none of the 0.6 s

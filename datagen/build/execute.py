@@ -8,6 +8,7 @@ is already done, so a retried task redoes only what is missing.
 
 from __future__ import annotations
 
+import time
 from collections import Counter
 from collections.abc import Iterable, Iterator
 from dataclasses import dataclass, field
@@ -28,6 +29,9 @@ class StepReport:
     rejected: int = 0
     skipped: int = 0
     reasons: dict[str, int] = field(default_factory=dict)
+    # seconds in this step outside the stage's calls: reading inputs, saving outputs and the
+    # runner's own work on this side (what orchestration costs, per step)
+    overhead_s: float = 0.0
 
 
 def run_step(step: Step, work: ShardWork, config: BuildConfig, runner: StageRunner) -> StepReport:
@@ -42,16 +46,29 @@ def run_step(step: Step, work: ShardWork, config: BuildConfig, runner: StageRunn
         reasons[reject.reason] += 1
         report.rejected += 1
 
+    reading = 0.0  # inside the runner's pull of the next batch, but this step's own work
+
     def inputs() -> Iterator:
+        nonlocal reading
         for sample in pending:
+            began = time.perf_counter()
             given = step.read(WorkReads(work, sample, step.reads), context)
+            reading += time.perf_counter() - began
             if isinstance(given, Reject):
                 rejected(given)
             else:
                 yield given
 
     in_flight: dict[str, object] = {}  # sample_id -> input, until its result is saved
-    for results in runner.map(_batched(inputs(), step.batch_size(config), in_flight)):
+    started = time.perf_counter()
+    waited = 0.0  # blocked on the runner: the stage computing (and, on Ray, the transfer)
+    results_of = iter(runner.map(_batched(inputs(), step.batch_size(config), in_flight)))
+    while True:
+        asked = time.perf_counter()
+        results = next(results_of, None)
+        waited += time.perf_counter() - asked
+        if results is None:
+            break
         for result in results:
             given = in_flight.pop(result.sample_id, None)
             if isinstance(result, Reject):
@@ -69,6 +86,7 @@ def run_step(step: Step, work: ShardWork, config: BuildConfig, runner: StageRunn
             )
             report.done += 1
     report.reasons = dict(reasons)
+    report.overhead_s = round(time.perf_counter() - started - (waited - reading), 6)
     return report
 
 

@@ -30,10 +30,13 @@ def summarize_build(
     wall: float,
 ) -> dict:
     per_stage: dict[str, Counter] = {}
+    overhead_s, handled = 0.0, 0
     for report in stage_reports:
         counts = per_stage.setdefault(report["stage"], Counter())
         counts["done"] += report["done"]
         counts["rejected"] += report["rejected"]
+        overhead_s += report.get("overhead_s", 0.0)
+        handled += report["done"] + report["rejected"]
     reasons: Counter[str] = Counter()
     for report in write_reports:
         reasons.update(report["reasons"])
@@ -55,6 +58,8 @@ def summarize_build(
         "model_loads": {k: v["loads"] for k, v in stats.items()},
         "stage_compute_s": {k: round(v["compute_s"], 3) for k, v in stats.items()},
         "wall_s": round(wall, 2),
+        # time the steps spent outside stage calls (reading inputs, saving outputs, dispatch)
+        "overhead_ms_per_sample_step": round(1000 * overhead_s / max(handled, 1), 2),
     }
 
 
