@@ -92,3 +92,13 @@ def test_max_actors_caps_a_pool():
         StepDemand(d.name, d.resources, d.cost_s, d.gpu_memory_gb, max_actors=2) for d in demands()
     ]
     assert plan_pools(capped, nodes(8))["animate"].actors == 2
+
+
+def test_fractions_are_packed_per_gpu_not_per_node():
+    # 3 x 0.6 GPU fits 2 GPUs by the total (1.8), not by GPU (Ray puts a fraction on one GPU)
+    steps = [StepDemand(name, Resources(0.6, 1), 1.0, 1.0) for name in ("a", "b", "c")]
+    plans = plan_pools(steps, nodes(2))
+    assert all(p.resources.num_gpus < 0.6 for p in plans.values()), plans
+    # 2 x 0.6 do fit: one per GPU, as declared
+    two = plan_pools(steps[:2], nodes(2))
+    assert [p.resources.num_gpus for p in two.values()] == [0.6, 0.6]

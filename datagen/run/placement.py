@@ -66,11 +66,11 @@ def plan_pools(
         requests = {name: Resources(0.0, r.num_cpus) for name, r in requests.items()}
     else:
         _check_whole_gpus(demands, nodes)
-    free = {node.node_id: [node.cpus, node.gpus] for node in nodes}
+    free = _free(nodes)
     shared = not _place_all(requests, free)
     if shared:
         requests = _shared_gpu_requests(demands, requests, nodes, gpu_memory_gb)
-        free = {node.node_id: [node.cpus, node.gpus] for node in nodes}
+        free = _free(nodes)
         if not _place_all(requests, free):
             raise PlacementError(_describe(requests, nodes, "cannot place one actor per step"))
     actors = dict.fromkeys(requests, 1)
@@ -127,20 +127,47 @@ def _shared_gpu_requests(
     return shared
 
 
-def _place_all(requests: dict[str, Resources], free: dict[str, list[float]]) -> bool:
+class _Room:
+    """What is left on a node: CPUs, and each GPU's free fraction (as Ray assigns a fractional
+    request to one GPU, two halves on different GPUs do not make a whole one)."""
+
+    def __init__(self, node: Node):
+        whole = int(node.gpus + 1e-9)
+        self.cpus = node.cpus
+        self.gpus = [1.0] * whole + ([node.gpus - whole] if node.gpus - whole > 1e-9 else [])
+
+    def take(self, request: Resources) -> bool:
+        if self.cpus + 1e-9 < request.num_cpus:
+            return False
+        if request.num_gpus >= 1:
+            idle = [i for i, left in enumerate(self.gpus) if left > 1 - 1e-9]
+            if len(idle) < int(request.num_gpus):
+                return False
+            for i in idle[: int(request.num_gpus)]:
+                self.gpus[i] = 0.0
+        elif request.num_gpus > 0:
+            fits = [i for i, left in enumerate(self.gpus) if left + 1e-9 >= request.num_gpus]
+            if not fits:
+                return False
+            fullest = min(fits, key=self.gpus.__getitem__)  # best fit: keep whole GPUs whole
+            self.gpus[fullest] -= request.num_gpus
+        self.cpus -= request.num_cpus
+        return True
+
+
+def _free(nodes: list[Node]) -> list[_Room]:
+    return [_Room(node) for node in nodes]
+
+
+def _place_all(requests: dict[str, Resources], free: list[_Room]) -> bool:
     # largest GPU requests first: a whole-GPU actor must not find its GPU split already
     order = sorted(requests.values(), key=lambda r: (-r.num_gpus, -r.num_cpus))
     return all(_place(request, free) for request in order)
 
 
-def _place(request: Resources, free: dict[str, list[float]]) -> bool:
-    """Take `request` from the first node that holds it (whole GPUs from one node)."""
-    for room in free.values():
-        if room[0] + 1e-9 >= request.num_cpus and room[1] + 1e-9 >= request.num_gpus:
-            room[0] -= request.num_cpus
-            room[1] -= request.num_gpus
-            return True
-    return False
+def _place(request: Resources, free: list[_Room]) -> bool:
+    """Take `request` from the first node that holds it."""
+    return any(room.take(request) for room in free)
 
 
 def _cluster(nodes: list[Node]) -> str:
