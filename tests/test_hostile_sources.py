@@ -9,17 +9,11 @@ from urllib.parse import unquote_to_bytes
 import pytest
 from helpers import make_hostile_sources
 
-from datagen.build.execute import run_step
-from datagen.build.plan import plan_build
-from datagen.build.row import collect_provenance
 from datagen.build.settings import BuildConfig
 from datagen.build.stage_configs import stage_factories
-from datagen.build.steps import step
-from datagen.build.workdir import ShardWork
-from datagen.build.write import run_write
 from datagen.data.dataset import Dataset, read_rejects
 from datagen.data.video import UnreadableVideoError, probe
-from datagen.run.local import LocalRunner
+from datagen.run.local import LocalRunner, build_in_process
 from datagen.tools.validate import validate_dataset
 
 pytestmark = pytest.mark.slow
@@ -39,13 +33,7 @@ def test_every_bad_input_is_a_specific_reject_and_the_good_ones_become_pairs(tmp
         tiny_dir=str(tmp_path / "tiny"),
     )
     runners = {name: LocalRunner(factory()) for name, factory in stage_factories(config).items()}
-    plan = plan_build(config)
-    provenance = collect_provenance(runners)
-    for shard in plan.shards:
-        work = ShardWork(config.work_root, shard)
-        for name, runner in runners.items():
-            run_step(step(name), work, config, runner)
-        run_write(work, config, provenance)
+    build_in_process(config, runners)
 
     rejects = {file_name(r["source_uri"]): r for r in read_rejects(config.dataset_dir).to_pylist()}
     for name, reason in expected.items():

@@ -18,7 +18,7 @@ from datagen.build.workdir import ShardWork
 from datagen.build.write import run_write
 from datagen.data.dataset import Dataset, list_shards, read_rejects
 from datagen.data.demo_clips import SAMPLE_CLIPS, write_samples
-from datagen.run.local import LocalRunner
+from datagen.run.local import LocalRunner, build_in_process
 from datagen.tools.validate import validate_dataset
 
 pytestmark = pytest.mark.slow
@@ -45,14 +45,7 @@ def runners(sources, tmp_path_factory):
 
 
 def build(config: BuildConfig, runners) -> list:
-    plan = plan_build(config)
-    provenance = collect_provenance(runners)
-    reports = []
-    for shard in plan.shards:
-        work = ShardWork(config.work_root, shard)
-        for name in runners:
-            run_step(step(name), work, config, runners[name])
-        reports.append(run_write(work, config, provenance))
+    plan, _, reports = build_in_process(config, runners)
     return plan, reports
 
 

@@ -278,16 +278,11 @@ def test_actors_that_cannot_start_are_an_error_naming_the_request(ray_local):
 @pytest.mark.parametrize("gpus", [1, 2])
 def test_a_build_runs_on_fewer_gpus_than_its_steps_ask(gpus, tmp_path):
     # The stages ask 4.5 GPUs between them: on 1 or 2 (logical) GPUs they share, by memory.
-    from datagen.build.execute import run_step
-    from datagen.build.plan import plan_build
-    from datagen.build.row import collect_provenance
     from datagen.build.settings import BuildConfig
-    from datagen.build.steps import step
-    from datagen.build.workdir import ShardWork
-    from datagen.build.write import run_write
     from datagen.data.dataset import Dataset
     from datagen.data.demo_clips import SAMPLE_CLIPS, write_samples
     from datagen.run.executors import stage_runners
+    from datagen.run.local import build_in_process
     from datagen.tools.validate import validate_dataset
 
     shutdown_ray()
@@ -303,13 +298,7 @@ def test_a_build_runs_on_fewer_gpus_than_its_steps_ask(gpus, tmp_path):
         with stage_runners(config, use_ray=True) as runners:
             asked = {name: runner.resources.num_gpus for name, runner in runners.items()}
             assert all(0 < share < 1 for share in asked.values()), asked
-            plan = plan_build(config)
-            provenance = collect_provenance(runners)
-            for shard in plan.shards:
-                work = ShardWork(config.work_root, shard)
-                for name, runner in runners.items():
-                    run_step(step(name), work, config, runner)
-                run_write(work, config, provenance)
+            build_in_process(config, runners)
         assert len(Dataset(config.dataset_dir).index()) == 2
         assert validate_dataset(config.dataset_dir).ok
     finally:

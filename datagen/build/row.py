@@ -15,6 +15,7 @@ from datagen.build.steps import FIRST, PLAN_WRITES, RAW, STYLIZED
 from datagen.build.workdir import ShardWork
 from datagen.core.runner import StageRunner
 from datagen.data.dataset import now_utc
+from datagen.data.schema import SFT_REVIEW_PENDING
 from datagen.data.styles import Style
 from datagen.data.video import encode_mp4
 from datagen.stages.plan import PlannedSample
@@ -118,13 +119,7 @@ def assemble_row(
         "datagen_version": __version__,
     }
     if config.split == "sft":
-        row |= {
-            "review_status": "pending",
-            "review_reason": None,
-            "review_note": None,
-            "reviewer": None,
-            "reviewed_at": None,
-        }
+        row |= SFT_REVIEW_PENDING
     return row
 
 

@@ -17,6 +17,15 @@ import pyarrow as pa
 
 from datagen.core.package_data import package_data_dir
 
+# The review columns of an SFT row as the build writes it: pending, nobody has looked yet.
+SFT_REVIEW_PENDING = {
+    "review_status": "pending",
+    "review_reason": None,
+    "review_note": None,
+    "reviewer": None,
+    "reviewed_at": None,
+}
+
 SCHEMA_NAME_KEY = b"datagen.data.schema"
 SCHEMA_VERSION_KEY = b"datagen.schema_version"
 DESCRIPTION_KEY = b"description"

@@ -15,6 +15,7 @@ from functools import cache
 import numpy as np
 
 from datagen import __version__
+from datagen.data.schema import SFT_REVIEW_PENDING
 
 STYLES = ["ink_wash", "watercolor", "pixel_art", "claymation"]
 
@@ -113,13 +114,7 @@ def make_row(
         **payload,
     }
     if split == "sft":
-        row |= {
-            "review_status": "pending",
-            "review_reason": None,
-            "review_note": None,
-            "reviewer": None,
-            "reviewed_at": None,
-        }
+        row |= SFT_REVIEW_PENDING
     return row
 
 

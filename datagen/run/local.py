@@ -74,3 +74,24 @@ class ComputeThreadRunner:
 
     def shutdown(self) -> None:
         self.runner.shutdown()
+
+
+def build_in_process(config, runners: dict) -> tuple:
+    """A whole build in this process, one shard after another through every step, without
+    Prefect (what tests and benchmarks run): (plan, step reports, write reports)."""
+    from datagen.build.execute import run_step
+    from datagen.build.plan import plan_build
+    from datagen.build.row import collect_provenance
+    from datagen.build.steps import step
+    from datagen.build.workdir import ShardWork
+    from datagen.build.write import run_write
+
+    plan = plan_build(config)
+    provenance = collect_provenance(runners)
+    step_reports, write_reports = [], []
+    for shard in plan.shards:
+        work = ShardWork(config.work_root, shard)
+        for name, runner in runners.items():
+            step_reports.append(run_step(step(name), work, config, runner))
+        write_reports.append(run_write(work, config, provenance))
+    return plan, step_reports, write_reports
