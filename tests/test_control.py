@@ -304,10 +304,15 @@ class _Recorder:
     def __init__(self):
         self.inputs = []
 
-    def map(self, batches):
+    def record(self, batch):
+        self.inputs += batch
+        return [Reject(item.sample_id, "stylize", "recorded") for item in batch]
+
+    def run(self, job, batches):
+        from datagen.core.runner import run_inline
+
         for batch in batches:
-            self.inputs += batch
-            yield [Reject(item.sample_id, "stylize", "recorded") for item in batch]
+            yield run_inline(job, self.record, batch)
 
 
 @pytest.mark.parametrize("kind", [pytest.param("pose", marks=pytest.mark.slow), "dwpose"])

@@ -31,15 +31,23 @@ def nodes(*gpus: float, cpus: float = 32) -> list[Node]:
     return [Node(f"node-{i}", cpus, g) for i, g in enumerate(gpus)]
 
 
-def test_spare_gpus_go_to_animate_so_throughputs_balance():
+def test_light_steps_share_one_gpu_and_animate_takes_every_other_gpu_whole():
     plans = plan_pools(demands(), nodes(8, 8))
-    assert {n: p.actors for n, p in plans.items() if n != "animate"} == dict.fromkeys(
-        ["control", "describe", "stylize", "caption", "score"], 1
-    )
-    # 16 GPUs: 3.5 for one actor of each other step, the rest whole GPUs for animate
-    assert plans["animate"].actors == 12 and plans["animate"].resources.num_gpus == 1
-    used = sum(p.actors * p.resources.num_gpus for p in plans.values())
-    assert used <= 16
+    light = {n: p for n, p in plans.items() if n != "animate"}
+    assert {n: p.actors for n, p in light.items()} == dict.fromkeys(light, 1)
+    # five steps' models (60 GB) on one 80 GB GPU, each asking its memory's fraction
+    assert all(0 < p.resources.num_gpus < 1 for p in light.values())
+    assert sum(p.resources.num_gpus for p in light.values()) <= 1
+    assert plans["animate"].actors == 15 and plans["animate"].resources.num_gpus == 1
+    # on 32 GPUs: 31 animate actors (1 GPU's compute keeps up with them: 21 s vs 732/31 s)
+    assert plan_pools(demands(), nodes(8, 8, 8, 8))["animate"].actors == 31
+
+
+def test_the_light_steps_get_more_shared_gpus_when_one_cannot_keep_up():
+    # 2 x 64 GPUs: 21 s of light steps per sample on one GPU would be slower than animate's
+    # 732 s / 127; on 4 GPUs, 5.25 s, they keep up with 124 animate actors (5.9 s)
+    plans = plan_pools(demands(), nodes(64, 64, cpus=256))
+    assert plans["stylize"].actors == 4 and plans["animate"].actors == 124
 
 
 def test_a_light_step_grows_when_it_becomes_the_bottleneck():
@@ -58,9 +66,11 @@ def test_one_gpu_is_shared_by_memory_when_the_models_fit():
     assert all(p.resources.num_gpus > 0 for p in plans.values())
 
 
-def test_two_gpus_hold_what_asks_three_and_a_half():
+def test_two_gpus_hold_what_asks_four_and_a_half():
     plans = plan_pools(demands(TINY), nodes(1, 1))
-    assert all(p.actors == 1 and 0 < p.resources.num_gpus < 1 for p in plans.values())
+    assert plans["animate"].resources.num_gpus == 1
+    assert all(p.actors == 1 and 0 < p.resources.num_gpus < 1 for p in plans.values()
+               if p.name != "animate")  # fmt: skip
 
 
 def test_production_models_that_do_not_fit_one_gpu_fail_at_once_with_what_was_asked():

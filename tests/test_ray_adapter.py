@@ -274,13 +274,25 @@ def test_actors_that_cannot_start_are_an_error_naming_the_request(ray_local):
     assert time.monotonic() - started < 10
 
 
+def two_clip_build(tmp_path):
+    """The settings of a build of two demo clips with every pair kept."""
+    from datagen.build.settings import BuildConfig
+    from datagen.data.demo_clips import SAMPLE_CLIPS, write_samples
+
+    write_samples(tmp_path / "sources", SAMPLE_CLIPS[:2])
+    return BuildConfig(
+        source=str(tmp_path / "sources"),
+        out=str(tmp_path / "out"),
+        csd_threshold=-1.0,
+        tiny_dir=str(tmp_path / "tiny"),
+    )
+
+
 @pytest.mark.slow
 @pytest.mark.parametrize("gpus", [1, 2])
 def test_a_build_runs_on_fewer_gpus_than_its_steps_ask(gpus, tmp_path):
     # The stages ask 4.5 GPUs between them: on 1 or 2 (logical) GPUs they share, by memory.
-    from datagen.build.settings import BuildConfig
     from datagen.data.dataset import Dataset
-    from datagen.data.demo_clips import SAMPLE_CLIPS, write_samples
     from datagen.run.executors import stage_runners
     from datagen.run.local import build_in_process
     from datagen.tools.validate import validate_dataset
@@ -288,16 +300,13 @@ def test_a_build_runs_on_fewer_gpus_than_its_steps_ask(gpus, tmp_path):
     shutdown_ray()
     init_ray(num_cpus=2, num_gpus=gpus)
     try:
-        write_samples(tmp_path / "sources", SAMPLE_CLIPS[:2])
-        config = BuildConfig(
-            source=str(tmp_path / "sources"),
-            out=str(tmp_path / "out"),
-            csd_threshold=-1.0,
-            tiny_dir=str(tmp_path / "tiny"),
-        )
+        config = two_clip_build(tmp_path)
         with stage_runners(config, use_ray=True) as runners:
             asked = {name: runner.resources.num_gpus for name, runner in runners.items()}
-            assert all(0 < share < 1 for share in asked.values()), asked
+            light = [share for name, share in asked.items() if name != "animate"]
+            assert all(0 < share < 1 for share in light), asked
+            # one GPU: animate shares it too; two: animate has one whole, the rest share one
+            assert asked["animate"] == (1 if gpus == 2 else pytest.approx(0.01)), asked
             build_in_process(config, runners)
         assert len(Dataset(config.dataset_dir).index()) == 2
         assert validate_dataset(config.dataset_dir).ok
@@ -346,3 +355,35 @@ def test_the_embedded_ray_listens_on_loopback_only(tmp_path):
     names = {name for name, _ in listeners}
     assert {"gcs_server", "raylet"} <= names, listeners
     assert {ip for _, ip in listeners} <= LOOPBACK, listeners
+
+
+@pytest.mark.slow
+def test_the_driver_moves_no_media_the_actors_read_and_write_the_work_files(
+    ray_local, tmp_path, monkeypatch
+):
+    # Every step runs on Ray actors while this (the driver's) process cannot touch a media
+    # file: any read or write of the work files' videos and images here fails the test.
+    from datagen.build import step_io
+    from datagen.build.execute import run_step
+    from datagen.build.plan import plan_build
+    from datagen.build.steps import step
+    from datagen.build.workdir import ShardWork
+    from datagen.run.executors import stage_runners
+
+    config = two_clip_build(tmp_path)
+    (shard,) = plan_build(config).shards
+    work = ShardWork(config.work_root, shard)
+
+    def no_media_here(*args, **kwargs):
+        raise AssertionError("the driver touched media")
+
+    with stage_runners(config, use_ray=True) as runners, monkeypatch.context() as driver:
+        for name in ("save", "video", "image", "images", "png_bytes"):
+            driver.setattr(ShardWork, name, no_media_here)
+        driver.setattr(step_io, "read_clip", no_media_here)
+        reports = [run_step(step(name), work, config, runners[name]) for name in runners]
+    assert [(r.stage, r.done, r.rejected) for r in reports] == [(n, 2, 0) for n in runners]
+    media = sum(p.stat().st_size for p in work.root.rglob("*") if p.suffix in (".mkv", ".png"))
+    shipped = sum(r.driver_bytes for r in reports)
+    assert shipped < media / 10, (shipped, media)  # references and outcomes only
+    assert all(r.driver_bytes / r.done < 2048 for r in reports), [r.driver_bytes for r in reports]

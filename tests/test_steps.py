@@ -15,6 +15,7 @@ from datagen.build.settings import BuildConfig
 from datagen.build.step_io import Saved, UndeclaredRead, WorkReads
 from datagen.build.steps import PLAN_WRITES, STEPS, step, steps_for
 from datagen.build.workdir import ShardWork
+from datagen.core.runner import run_inline
 from datagen.stages.plan import PlannedSample
 
 
@@ -77,9 +78,9 @@ def test_a_read_the_step_did_not_declare_is_refused(tmp_path):
 class _Echo:
     """A runner returning each input as its output (the step's save function decides)."""
 
-    def map(self, batches):
+    def run(self, job, batches):
         for batch in batches:
-            yield list(batch)
+            yield run_inline(job, list, batch)
 
 
 def test_a_save_that_differs_from_the_declared_writes_fails(tmp_path, config):
@@ -103,10 +104,14 @@ def test_a_save_that_differs_from_the_declared_writes_fails(tmp_path, config):
 class _Slow:
     """A runner whose 'stage' takes 0.3 s per batch."""
 
-    def map(self, batches):
+    @staticmethod
+    def stage(batch):
+        time.sleep(0.3)
+        return list(batch)
+
+    def run(self, job, batches):
         for batch in batches:
-            time.sleep(0.3)
-            yield list(batch)
+            yield run_inline(job, self.stage, batch)
 
 
 def test_a_steps_overhead_counts_its_own_work_and_not_the_stage(tmp_path, config):

@@ -1,24 +1,31 @@
 """The one step runner: a step over one shard, through whatever runner the executor gives.
 
-It reads each pending sample's input (the step's read function), sends the inputs to the
-stage runner in batches, and saves each output (the step's save function) or records the
-reject. A sample rejected by one step is skipped by the later ones; rerunning a step skips what
-is already done, so a retried task redoes only what is missing.
+The driver side (`run_step`) finds the shard's samples still pending for the step and sends
+them, in batches of references, to the runner with a `StepJob`; the job runs where the stage
+runs (an actor, possibly on another node, or this process): it reads each sample's input from
+the work files (the step's read function), calls the stage and saves each output (the step's
+save function). The driver gets back one small outcome per sample, `Done` or a `Reject`, and
+records the rejects; it never reads or carries media. A sample rejected by one step is skipped
+by the later ones; rerunning a step skips what is already done, so a retried task redoes only
+what is missing.
 """
 
 from __future__ import annotations
 
+import pickle
 import time
 from collections import Counter
-from collections.abc import Iterable, Iterator
+from collections.abc import Callable, Iterator
 from dataclasses import dataclass, field
+from functools import cached_property
 
 from datagen.build.settings import BuildConfig
 from datagen.build.step_io import Saved, StepContext, WorkReads
-from datagen.build.steps import Step
+from datagen.build.steps import STEPS, Step, step
 from datagen.build.workdir import ShardWork
 from datagen.core.runner import StageRunner
 from datagen.core.stage import Reject
+from datagen.stages.plan import PlannedSample
 
 
 @dataclass
@@ -29,77 +36,149 @@ class StepReport:
     rejected: int = 0
     skipped: int = 0
     reasons: dict[str, int] = field(default_factory=dict)
-    # seconds in this step outside the stage's calls: reading inputs, saving outputs and the
-    # runner's own work on this side (what orchestration costs, per step)
+    # seconds of this step outside the stage's calls: reading inputs and saving outputs (where
+    # the stage runs) and the driver's own work (what orchestration costs, per step)
     overhead_s: float = 0.0
+    # what the driver itself spent on the step: CPU-seconds of its thread, and bytes of the
+    # references and outcomes it exchanged with the runner (what Ray ships; no media)
+    driver_cpu_s: float = 0.0
+    driver_bytes: int = 0
 
 
-def run_step(step: Step, work: ShardWork, config: BuildConfig, runner: StageRunner) -> StepReport:
-    """Run `step` over the samples of `work` that are still pending for it."""
-    pending = work.pending(step.name)
-    report = StepReport(step.name, work.shard, skipped=len(work.samples()) - len(pending))
-    context = StepContext(config)
-    reasons: Counter[str] = Counter()
+@dataclass(frozen=True)
+class Done:
+    """A sample the step finished and saved; its share of the batch's time outside the stage."""
 
-    def rejected(reject: Reject) -> None:
-        work.add_reject(reject)
-        reasons[reject.reason] += 1
-        report.rejected += 1
+    sample_id: str
+    outside_s: float
 
-    reading = 0.0  # inside the runner's pull of the next batch, but this step's own work
 
-    def inputs() -> Iterator:
-        nonlocal reading
-        for sample in pending:
-            began = time.perf_counter()
-            given = step.read(WorkReads(work, sample, step.reads), context)
-            reading += time.perf_counter() - began
-            if isinstance(given, Reject):
-                rejected(given)
-            else:
-                yield given
+@dataclass
+class _Read:
+    samples: list[PlannedSample]
+    inputs: list
+    rejects: list[Reject]
+    seconds: float
+    compute_s: float = 0.0
 
-    in_flight: dict[str, object] = {}  # sample_id -> input, until its result is saved
-    started = time.perf_counter()
-    waited = 0.0  # blocked on the runner: the stage computing (and, on Ray, the transfer)
-    results_of = iter(runner.map(_batched(inputs(), step.batch_size(config), in_flight)))
-    while True:
-        asked = time.perf_counter()
-        results = next(results_of, None)
-        waited += time.perf_counter() - asked
-        if results is None:
-            break
-        for result in results:
-            given = in_flight.pop(result.sample_id, None)
+
+@dataclass(frozen=True)
+class StepJob:
+    """One step's work on batches of one shard's samples (core/runner.py BatchJob): names and
+    a path, so it pickles small; it opens the shard's work files where it runs."""
+
+    step_name: str
+    work_root: str
+    shard: str
+    config: BuildConfig
+    step_override: Step | None = None  # a step not in STEPS (tests)
+
+    @cached_property
+    def step(self) -> Step:
+        return self.step_override or step(self.step_name)
+
+    @cached_property
+    def work(self) -> ShardWork:
+        return ShardWork(self.work_root, self.shard)
+
+    @cached_property
+    def context(self) -> StepContext:
+        return StepContext(self.config)
+
+    def __getstate__(self) -> dict:  # the cached work and context are rebuilt where it runs
+        return {name: getattr(self, name) for name in self.__dataclass_fields__}
+
+    def __setstate__(self, state: dict) -> None:
+        self.__dict__.update(state)
+
+    def read(self, batch: list[PlannedSample]) -> _Read:
+        began = time.perf_counter()
+        inputs, rejects = [], []
+        for sample in batch:
+            given = self.step.read(WorkReads(self.work, sample, self.step.reads), self.context)
+            (rejects if isinstance(given, Reject) else inputs).append(given)
+        return _Read(batch, inputs, rejects, time.perf_counter() - began)
+
+    def call(self, stage: Callable[[list], list], read: _Read) -> list:
+        began = time.perf_counter()
+        outputs = stage(read.inputs) if read.inputs else []
+        read.compute_s = time.perf_counter() - began
+        return outputs
+
+    def save(self, read: _Read, outputs: list) -> list[Done | Reject]:
+        began = time.perf_counter()
+        given_of = {given.sample_id: given for given in read.inputs}
+        outcomes: list[Done | Reject] = list(read.rejects)
+        saved_ids = []
+        for result in outputs:
             if isinstance(result, Reject):
-                rejected(result)
+                outcomes.append(result)
                 continue
-            saved = step.save(given, result, context)
-            _check_writes(step, saved)
-            work.save(
-                step.name,
+            saved = self.step.save(given_of[result.sample_id], result, self.context)
+            _check_writes(self.step, saved)
+            self.work.save(
+                self.step.name,
                 result.sample_id,
                 videos=saved.videos,
                 images=saved.images,
                 values=saved.values,
                 fps=saved.fps,
             )
-            report.done += 1
+            saved_ids.append(result.sample_id)
+        outside = read.seconds + time.perf_counter() - began
+        share = outside / max(len(read.samples), 1)
+        return outcomes + [Done(sample_id, share) for sample_id in saved_ids]
+
+
+def run_step(step: Step, work: ShardWork, config: BuildConfig, runner: StageRunner) -> StepReport:
+    """Run `step` over the samples of `work` that are still pending for it."""
+    cpu_began, began = time.thread_time(), time.perf_counter()
+    pending = work.pending(step.name)
+    report = StepReport(step.name, work.shard, skipped=len(work.samples()) - len(pending))
+    registered = step is _registered(step.name)
+    job = StepJob(
+        step.name, str(work.root.parent), work.shard, config, None if registered else step
+    )
+    reasons: Counter[str] = Counter()
+    sent = len(pickle.dumps(job)) if registered else 0  # a test's own step may hold lambdas
+    outside = 0.0  # reads and saves where the stage ran
+    waited = 0.0  # blocked on the runner: the stage computing, reading and saving elsewhere
+
+    def batches() -> Iterator[list[PlannedSample]]:
+        nonlocal sent
+        size = step.batch_size(config)
+        for start in range(0, len(pending), size):
+            batch = pending[start : start + size]
+            sent += len(pickle.dumps(batch))
+            yield batch
+
+    received = 0
+    outcomes_of = iter(runner.run(job, batches()))
+    while True:
+        asked = time.perf_counter()
+        outcomes = next(outcomes_of, None)
+        waited += time.perf_counter() - asked
+        if outcomes is None:
+            break
+        received += len(pickle.dumps(outcomes))
+        for outcome in outcomes:
+            if isinstance(outcome, Reject):
+                work.add_reject(outcome)
+                reasons[outcome.reason] += 1
+                report.rejected += 1
+            else:
+                outside += outcome.outside_s
+                report.done += 1
     report.reasons = dict(reasons)
-    report.overhead_s = round(time.perf_counter() - started - (waited - reading), 6)
+    driver_s = time.perf_counter() - began - waited
+    report.overhead_s = round(driver_s + outside, 6)
+    report.driver_cpu_s = round(time.thread_time() - cpu_began, 6)
+    report.driver_bytes = sent + received
     return report
 
 
-def _batched(items: Iterable, size: int, in_flight: dict) -> Iterator[list]:
-    batch: list = []
-    for item in items:
-        in_flight[item.sample_id] = item
-        batch.append(item)
-        if len(batch) == size:
-            yield batch
-            batch = []
-    if batch:
-        yield batch
+def _registered(name: str) -> Step | None:
+    return next((s for s in STEPS if s.name == name), None)
 
 
 def _check_writes(step: Step, saved: Saved) -> None:

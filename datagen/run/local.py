@@ -9,6 +9,7 @@ from __future__ import annotations
 import concurrent.futures
 from collections.abc import Iterable, Iterator
 
+from datagen.core.runner import BatchJob, run_inline
 from datagen.core.stage import Stage
 
 
@@ -22,6 +23,10 @@ class LocalRunner:
     def map(self, batches: Iterable[list]) -> Iterator[list]:
         for batch in batches:
             yield self.stage(batch)
+
+    def run(self, job: BatchJob, batches: Iterable[list]) -> Iterator[list]:
+        for batch in batches:
+            yield run_inline(job, self.stage, batch)
 
     def models(self) -> dict:
         return self.stage.models()
@@ -62,6 +67,14 @@ class ComputeThreadRunner:
     def map(self, batches: Iterable[list]) -> Iterator[list]:
         for batch in batches:
             yield self._compute.submit(self._one, batch).result()
+
+    def run(self, job: BatchJob, batches: Iterable[list]) -> Iterator[list]:
+        """The job's reads and saves on the calling task thread, its stage call on the
+        compute thread: one shard's files are read and written while another's batch runs."""
+        for batch in batches:
+            read = job.read(batch)
+            outputs = self._compute.submit(job.call, self.runner.stage, read).result()
+            yield job.save(read, outputs)
 
     def models(self) -> dict:
         return self.runner.models()

@@ -5,13 +5,20 @@ Pure arithmetic, no Ray: the Ray executor passes the nodes' resources in. Three 
 1. Every step gets one actor that can be placed, or the build fails at once with a message
    naming what was asked and what the cluster has (a request no node can hold would otherwise
    leave Ray waiting forever, silently).
-2. With fewer GPUs than the steps ask for one actor each, the steps share GPUs: each GPU step
+2. With fewer GPUs than the steps ask for one actor each and rule 3 out of reach (one GPU,
+   say), the steps share GPUs: each GPU step
    asks the fraction of a GPU its models take (`gpu_memory_gb` of the cost table over the
    GPU's memory), the whole set must fit one GPU's memory, and each step keeps one actor.
-3. The GPUs left over go, one actor at a time, to the step that limits the pairs per second
-   (the fewest actors per second of its cost per sample): throughputs balance, so the animate
-   step, about 95% of the GPU time, gets most GPUs. Runs without GPUs keep one actor per step
-   (more copies of a model on the same cores add memory, not speed).
+3. With GPUs to spare, the light steps share GPUs and the heavy one takes whole GPUs: when
+   the costliest step (animate, about 95% of the GPU time) asks whole GPUs and the others'
+   models fit one GPU's memory together, the others are co-located on L GPUs (each asking its
+   memory fraction, one actor of each per such GPU) and the heavy step gets every other GPU,
+   whole. L balances the two: the fewest GPUs whose shared compute keeps up with the heavy
+   pool (co-located steps share one GPU's compute, so their costs add up). On 32 GPUs with the
+   production costs that is 1 GPU for five steps and 31 animate actors.
+4. Otherwise the GPUs left over go, one actor at a time, to the step that limits the pairs per
+   second (the fewest actors per second of its cost per sample). Runs without GPUs keep one
+   actor per step (more copies of a model on the same cores add memory, not speed).
 """
 
 from __future__ import annotations
@@ -66,6 +73,9 @@ def plan_pools(
         requests = {name: Resources(0.0, r.num_cpus) for name, r in requests.items()}
     else:
         _check_whole_gpus(demands, nodes)
+        colocated = _colocated(demands, requests, nodes, gpu_memory_gb)
+        if colocated:
+            return colocated
     free = _free(nodes)
     shared = not _place_all(requests, free)
     if shared:
@@ -85,6 +95,61 @@ def plan_pools(
             break  # more of anything else would not raise the pairs per second
         actors[slowest.name] += 1
     return {name: PoolPlan(name, actors[name], requests[name]) for name in requests}
+
+
+def _colocated(
+    demands: list[StepDemand], requests: dict[str, Resources], nodes: list[Node], memory: float
+) -> dict[str, PoolPlan] | None:
+    """Rule 3: the light GPU steps co-located on L GPUs, the heavy step on every other GPU,
+    whole; None where the rule does not apply or the plan does not place."""
+    on_gpu = [d for d in demands if requests[d.name].num_gpus > 0]
+    if len(on_gpu) < 2:
+        return None
+    heavy = max(on_gpu, key=lambda d: d.cost_s)
+    light = [d for d in on_gpu if d is not heavy]
+    whole_gpus = sum(int(node.gpus + 1e-9) for node in nodes)
+    if (
+        requests[heavy.name].num_gpus < 1
+        or whole_gpus < 2
+        or sum(d.gpu_memory_gb for d in light) > memory
+    ):
+        return None
+    light_cost = sum(d.cost_s for d in light)  # per sample, on one shared GPU
+    per_heavy = int(requests[heavy.name].num_gpus)
+    # L light GPUs against the rest for the heavy pool: the slower side sets the pace
+    shared_gpus = min(
+        range(1, whole_gpus),
+        key=lambda n: max(light_cost / n, heavy.cost_s / max((whole_gpus - n) // per_heavy, 1e-9)),
+    )
+    fractions = {
+        d.name: Resources(_memory_fraction(d.gpu_memory_gb, memory), requests[d.name].num_cpus)
+        for d in light
+    }
+    free = _free(nodes)
+    actors = dict.fromkeys(requests, 0)
+    for _ in range(shared_gpus):  # one of each light step per GPU, packed best fit
+        for d in light:
+            if _below_max(d, actors) and _place(fractions[d.name], free):
+                actors[d.name] += 1
+    for name, request in requests.items():  # steps on CPUs only: one actor, as before
+        if request.num_gpus == 0 and _place(request, free):
+            actors[name] = 1
+    while _below_max(heavy, actors) and _place(requests[heavy.name], free):
+        actors[heavy.name] += 1
+    if any(count == 0 for count in actors.values()):
+        return None  # the nodes' shapes did not allow it: fall back to rule 4
+    plans = {name: PoolPlan(name, actors[name], requests[name]) for name in requests}
+    plans.update({d.name: PoolPlan(d.name, actors[d.name], fractions[d.name]) for d in light})
+    return plans
+
+
+def _below_max(demand: StepDemand, actors: dict[str, int]) -> bool:
+    return demand.max_actors is None or actors[demand.name] < demand.max_actors
+
+
+def _memory_fraction(gpu_memory_gb: float, memory: float) -> float:
+    fraction = math.ceil(gpu_memory_gb / memory / GPU_QUANTUM) * GPU_QUANTUM
+    return round(max(fraction, GPU_QUANTUM), 2)
 
 
 def _fit_cpus(resources: Resources, steps: int, nodes: list[Node]) -> Resources:
@@ -120,10 +185,8 @@ def _shared_gpu_requests(
         )
     shared = dict(requests)
     for demand in on_gpu:
-        fraction = math.ceil(demand.gpu_memory_gb / gpu_memory_gb / GPU_QUANTUM) * GPU_QUANTUM
-        shared[demand.name] = Resources(
-            round(max(fraction, GPU_QUANTUM), 2), requests[demand.name].num_cpus
-        )
+        fraction = _memory_fraction(demand.gpu_memory_gb, gpu_memory_gb)
+        shared[demand.name] = Resources(fraction, requests[demand.name].num_cpus)
     return shared
 
 

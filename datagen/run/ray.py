@@ -3,10 +3,12 @@
 Ray remote *functions* with `num_gpus > 0` default to `max_calls=1` (the worker exits after each
 call), so a model in a plain task would reload every time; each stage therefore lives in an
 actor (`StageActor`) that calls `Stage.setup()` once in its constructor. `StagePool` sends each
-batch to the least busy of a stage's actors, with a bound on batches in flight, so a slow stage
-applies backpressure instead of flooding the object store and a slow batch never leaves the
-other actors idle. Stage resources are translated to Ray
-options here and nowhere else.
+batch to a free actor of the stage, with a bound on batches in flight, so a slow stage applies
+backpressure instead of flooding the object store and a slow batch never leaves the other
+actors idle. A build's steps send batches of references with a `BatchJob` (core/runner.py):
+the actor reads the inputs from the work store, runs the stage and saves the outputs itself,
+so no media passes through the driver. Stage resources are translated to Ray options here and
+nowhere else.
 """
 
 from __future__ import annotations
@@ -20,6 +22,7 @@ import time
 from collections.abc import Callable, Iterable, Iterator
 from typing import Any
 
+from datagen.core.runner import BatchJob, run_inline
 from datagen.core.stage import Reject, Resources, Stage, StageStats
 
 # A small machine's object store: Ray's default is 30% of RAM in /dev/shm.
@@ -105,6 +108,10 @@ class StageActor:
 
     def process(self, batch: list) -> list:
         return self.stage(batch)
+
+    def run(self, job: BatchJob, batch: list) -> list:
+        """`job` on a batch of references: inputs read and outputs saved here, in the actor."""
+        return run_inline(job, self.stage, batch)
 
     def stats(self) -> StageStats:
         return self.stage.stats
@@ -208,26 +215,38 @@ class StagePool:
         self.replacements += 1
 
     def map(self, batches: Iterable[list]) -> Iterator[list]:
-        """Process batches on the actors, yielding each batch's results as it completes.
+        """Process batches of stage inputs on the actors, yielding each batch's results as it
+        completes."""
+        return self._dispatch(batches, lambda actor, batch: actor.process.remote(batch))
 
-        Each batch goes to a free actor (not round-robin; with every actor busy, it waits for
-        the first to finish), and at most `max_in_flight` batches are submitted but not yet
-        consumed."""
+    def run(self, job: BatchJob, batches: Iterable[list]) -> Iterator[list]:
+        """`job` over batches of references on the actors (each reads and saves its samples
+        itself), yielding each batch's outcomes as it completes. The job goes to the object
+        store once, not with every batch."""
+        import ray
+
+        job_ref = ray.put(job)
+        return self._dispatch(batches, lambda actor, batch: actor.run.remote(job_ref, batch))
+
+    def _dispatch(self, batches: Iterable[list], submit: Callable) -> Iterator[list]:
+        """Each batch goes to a free actor (not round-robin; with every actor busy, it waits
+        for the first to finish), and at most `max_in_flight` batches are submitted but not
+        yet consumed."""
         pending: dict = {}  # ref -> (batch, actor index, actor), oldest first
         for batch in batches:
             # wait for a free actor rather than queue behind a busy one (a straggler would
             # hold the queued batch up); a pool busy with other shards' batches is queued on
             while pending and (len(pending) >= self.max_in_flight or min(self._load) > 0):
-                yield self._next_done(pending)
+                yield self._next_done(pending, submit)
             with self._load_lock:
                 index = min(range(self.size), key=self._load.__getitem__)
                 self._load[index] += 1
             actor = self.actors[index]
-            pending[actor.process.remote(batch)] = (batch, index, actor)
+            pending[submit(actor, batch)] = (batch, index, actor)
         while pending:
-            yield self._next_done(pending)
+            yield self._next_done(pending, submit)
 
-    def _next_done(self, pending: dict) -> list:
+    def _next_done(self, pending: dict, submit: Callable) -> list:
         import ray
 
         ready, _ = ray.wait(list(pending), num_returns=1, timeout=self.call_timeout_s)
@@ -235,9 +254,9 @@ class StagePool:
         batch, index, actor = pending.pop(ref)
         with self._load_lock:
             self._load[index] -= 1
-        return self._collect(batch, index, actor, ref)
+        return self._collect(batch, index, actor, ref, submit)
 
-    def _collect(self, batch: list, index: int, actor, ref) -> list:
+    def _collect(self, batch: list, index: int, actor, ref, submit: Callable) -> list:
         import ray
         from ray.exceptions import GetTimeoutError, RayActorError
 
@@ -261,7 +280,7 @@ class StagePool:
                 if attempt == 2:
                     raise
                 actor = self.actors[index]
-                ref = actor.process.remote(batch)
+                ref = submit(actor, batch)
         raise AssertionError("unreachable")
 
     def stats(self) -> list[StageStats]:

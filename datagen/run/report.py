@@ -30,12 +30,14 @@ def summarize_build(
     wall: float,
 ) -> dict:
     per_stage: dict[str, Counter] = {}
-    overhead_s, handled = 0.0, 0
+    overhead_s, driver_cpu_s, driver_bytes, handled = 0.0, 0.0, 0, 0
     for report in stage_reports:
         counts = per_stage.setdefault(report["stage"], Counter())
         counts["done"] += report["done"]
         counts["rejected"] += report["rejected"]
         overhead_s += report.get("overhead_s", 0.0)
+        driver_cpu_s += report.get("driver_cpu_s", 0.0)
+        driver_bytes += report.get("driver_bytes", 0)
         handled += report["done"] + report["rejected"]
     reasons: Counter[str] = Counter()
     for report in write_reports:
@@ -60,6 +62,11 @@ def summarize_build(
         "wall_s": round(wall, 2),
         # time the steps spent outside stage calls (reading inputs, saving outputs, dispatch)
         "overhead_ms_per_sample_step": round(1000 * overhead_s / max(handled, 1), 2),
+        # what the flow process itself spent per planned sample over all steps: its CPU, and
+        # the bytes it exchanged with the runners (references and outcomes; media stay in the
+        # work store, read and written where the stages run)
+        "driver_cpu_ms_per_sample": round(1000 * driver_cpu_s / max(plan["planned"], 1), 3),
+        "driver_bytes_per_sample": round(driver_bytes / max(plan["planned"], 1)),
     }
 
 
