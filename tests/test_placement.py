@@ -66,11 +66,20 @@ def test_one_gpu_is_shared_by_memory_when_the_models_fit():
     assert all(p.resources.num_gpus > 0 for p in plans.values())
 
 
-def test_two_gpus_hold_what_asks_four_and_a_half():
+def test_two_gpus_hold_what_asks_four_and_a_half_with_an_animate_actor_on_each():
     plans = plan_pools(demands(TINY), nodes(1, 1))
-    assert plans["animate"].resources.num_gpus == 1
-    assert all(p.actors == 1 and 0 < p.resources.num_gpus < 1 for p in plans.values()
-               if p.name != "animate")  # fmt: skip
+    # the twins' models fit beside each other: one animate actor per GPU, more than half of it
+    assert plans["animate"].actors == 2 and plans["animate"].resources.num_gpus > 0.5
+    light = [p for p in plans.values() if p.name != "animate"]
+    assert all(p.actors == 1 and 0 < p.resources.num_gpus < 0.5 for p in light)
+
+
+def test_on_gpus_that_hold_every_model_each_gpu_animates_with_the_light_steps_beside():
+    plans = plan_pools(demands(), nodes(8, 8), gpu_memory_gb=141)  # H200s
+    assert plans["animate"].actors == 16
+    beside = sum(p.resources.num_gpus for p in plans.values() if p.name != "animate")
+    assert plans["animate"].resources.num_gpus + beside <= 1
+    assert all(p.actors == 1 for p in plans.values() if p.name != "animate")
 
 
 def test_production_models_that_do_not_fit_one_gpu_fail_at_once_with_what_was_asked():
@@ -81,7 +90,7 @@ def test_production_models_that_do_not_fit_one_gpu_fail_at_once_with_what_was_as
     assert "120 GB together" in message and "80 GB" in message
     # an H200's 141 GB holds them all
     plans = plan_pools(demands(), nodes(1), gpu_memory_gb=141)
-    assert plans["animate"].resources.num_gpus == pytest.approx(0.43)
+    assert plans["animate"].resources.num_gpus == pytest.approx(0.54)  # the rest beside it
 
 
 def test_a_request_larger_than_every_node_is_an_error_naming_both():

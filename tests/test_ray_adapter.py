@@ -116,8 +116,42 @@ def test_a_dead_actor_is_replaced_and_its_batch_retried_once(ray_local, tmp_path
         FragileFactory(str(tmp_path / "died")), Resources(num_cpus=0.25), name="fragile"
     )
     results = list(pool.map([["a"], ["die", "b"], ["c"]]))
-    assert sorted(results) == [["A"], ["C"], ["DIE", "B"]]
+    # the batch an actor died under runs again sample by sample, each once
+    assert sorted(r for batch in results for r in batch) == ["A", "B", "C", "DIE"]
     assert pool.replacements == 1 and (tmp_path / "died").exists()
+    pool.shutdown()
+
+
+class PoisonStage(FragileStage):
+    """Kills its worker process on 'poison', every time."""
+
+    def _process(self, batch):
+        import os
+
+        if "poison" in batch:
+            os._exit(1)
+        return [self.model(x) for x in batch]
+
+
+class PoisonFactory(FragileFactory):
+    def __call__(self):
+        return PoisonStage(self.marker)
+
+
+def test_a_sample_that_kills_its_actor_twice_is_rejected_and_its_batch_mates_are_not(
+    ray_local, tmp_path
+):
+    pool = StagePool(PoisonFactory(""), Resources(num_cpus=0.25), size=2, name="fragile")
+    results = [r for batch in pool.map([["a", "poison", "b"], ["c"]]) for r in batch]
+    (reject,) = [r for r in results if isinstance(r, Reject)]
+    assert (reject.sample_id, reject.stage, reject.reason) == ("'poison'", "fragile", "actor_died")
+    assert sorted(r for r in results if isinstance(r, str)) == ["A", "B", "C"]
+    assert pool.replacements == 2  # one per death, started in the background
+    assert sorted(pool.map([["d"]])) == [["D"]]
+    deadline = time.monotonic() + 60
+    while len(pool.actors) < 2 and time.monotonic() < deadline:
+        time.sleep(0.2)
+    assert len(pool.actors) == 2  # whole again
     pool.shutdown()
 
 
@@ -226,7 +260,7 @@ def test_shutdown_waits_until_the_actor_processes_are_gone(ray_local):
     import os
 
     pool = StagePool(SquareStage, Resources(num_cpus=0.25), size=2)
-    assert list(pool.map([[2], [3]])) == [[4], [9]]
+    assert sorted(pool.map([[2], [3]])) == [[4], [9]]
     pids = [pid for _, pid in pool._processes]
     assert len(set(pids)) == 2 and os.getpid() not in pids
     pool.shutdown()
@@ -261,7 +295,8 @@ def test_batches_go_to_the_free_actor_and_a_straggler_holds_no_one_up(ray_local)
     assert results[-1] == [0]
     assert time.monotonic() - started < 3 + 2.5
     per_actor = sorted(s.batches for s in pool.stats())
-    assert per_actor == [1, 7]
+    # at the tail, with an actor idle, the slow batch (past 3x the median) was re-sent there
+    assert per_actor == [1, 8] and pool.resent == 1
     pool.shutdown()
 
 
@@ -305,8 +340,8 @@ def test_a_build_runs_on_fewer_gpus_than_its_steps_ask(gpus, tmp_path):
             asked = {name: runner.resources.num_gpus for name, runner in runners.items()}
             light = [share for name, share in asked.items() if name != "animate"]
             assert all(0 < share < 1 for share in light), asked
-            # one GPU: animate shares it too; two: animate has one whole, the rest share one
-            assert asked["animate"] == (1 if gpus == 2 else pytest.approx(0.01)), asked
+            # an animate actor on each GPU (more than half of it), the others beside it
+            assert asked["animate"] > 0.5 and runners["animate"].size == gpus, asked
             build_in_process(config, runners)
         assert len(Dataset(config.dataset_dir).index()) == 2
         assert validate_dataset(config.dataset_dir).ok

@@ -270,8 +270,10 @@ class BuildConfig:
     stage_timeout_s: Annotated[float, Field(gt=0)] = setting(  # inf: no limit
         3600.0, "A stage call slower than this is hung: its samples are rejected."
     )
-    shards_in_flight: PositiveInt = setting(
-        2, "Shards between plan and write at once (bounds memory)."
+    shards_in_flight: PositiveInt | None = setting(
+        None,
+        "Shards between plan and write at once (default: enough to give every actor of the "
+        "largest pool work twice over; 2 in process, where it bounds memory).",
     )
     gpu_memory_gb: Annotated[float, Field(gt=0)] | None = setting(
         None,

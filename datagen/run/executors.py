@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import concurrent.futures
 import contextlib
+import math
 import os
 from typing import Any
 
@@ -25,6 +26,16 @@ def pool_plans(config: BuildConfig, factories: dict, nodes: list[Node]) -> dict[
             StepDemand(name, factory().resources, cost.seconds_per_sample, cost.gpu_memory_gb)
         )
     return plan_pools(demands, nodes, config.gpu_memory_gb or DEFAULT_GPU_MEMORY_GB)
+
+
+def shards_in_flight(config: BuildConfig, runners: dict) -> int:
+    """How many shards a build keeps between plan and write: the setting, or enough that every
+    actor of the largest pool has work twice over. On Ray the driver holds references only, so
+    a wide window costs it no memory; in process (pools of one) it stays at 2."""
+    if config.shards_in_flight:
+        return config.shards_in_flight
+    widest = max((getattr(runner, "size", 1) for runner in runners.values()), default=1)
+    return max(2, math.ceil(2 * widest / config.shard_size) + 1)
 
 
 def ray_nodes() -> list[Node]:
@@ -75,16 +86,22 @@ def stage_runners(config: BuildConfig, use_ray: bool):
             cluster = bool(os.environ.get("RAY_ADDRESS"))
             prefect_env = {"PREFECT_API_URL": prefect_api_url()} if blocks else None
             plans = pool_plans(config, factories, ray_nodes())  # fails at once if unplaceable
-            for name, factory in factories.items():
+            # the largest requests first, as placement planned them: an animate actor asking
+            # 0.54 of a GPU must find a GPU that no light steps split before it
+            order = sorted(factories, key=lambda name: -plans[name].resources.num_gpus)
+            for name in order:
+                factory = factories[name]
                 runners[name] = StagePool(
                     factory,
                     plans[name].resources,
                     size=plans[name].actors,
+                    nodes=plans[name].nodes,
                     torch_threads=None if cluster else 1,
                     call_timeout_s=config.stage_timeout_s,
                     name=name,
                     env=prefect_env if name in blocks else None,
                 )
+            runners = {name: runners[name] for name in factories}  # in step order again
         else:
             compute = concurrent.futures.ThreadPoolExecutor(
                 max_workers=1, thread_name_prefix="datagen-compute"

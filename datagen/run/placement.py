@@ -9,13 +9,17 @@ Pure arithmetic, no Ray: the Ray executor passes the nodes' resources in. Three 
    say), the steps share GPUs: each GPU step
    asks the fraction of a GPU its models take (`gpu_memory_gb` of the cost table over the
    GPU's memory), the whole set must fit one GPU's memory, and each step keeps one actor.
-3. With GPUs to spare, the light steps share GPUs and the heavy one takes whole GPUs: when
-   the costliest step (animate, about 95% of the GPU time) asks whole GPUs and the others'
-   models fit one GPU's memory together, the others are co-located on L GPUs (each asking its
-   memory fraction, one actor of each per such GPU) and the heavy step gets every other GPU,
-   whole. L balances the two: the fewest GPUs whose shared compute keeps up with the heavy
-   pool (co-located steps share one GPU's compute, so their costs add up). On 32 GPUs with the
-   production costs that is 1 GPU for five steps and 31 animate actors.
+3. The heavy step (the costliest per sample: animate, about 95% of the GPU time) gets one
+   GPU's compute per actor and the light steps share GPUs, each asking its memory's fraction:
+   - where the heavy step's models and all the light ones fit one GPU together (an H200's
+     141 GB holds animate's 60 GB and the others' 60 GB), every GPU holds one heavy actor
+     (asking more than half a GPU, so Ray never puts two on one) with room beside it for the
+     light steps, which get the fewest actors whose compute keeps up (usually one each): all
+     N GPUs animate;
+   - otherwise (80 GB GPUs), where the light steps fit one GPU together, they get L GPUs of
+     their own, one actor of each per GPU, and the heavy step every other GPU, whole. L
+     balances the two: co-located steps share one GPU's compute, so their costs add up; on 32
+     GPUs with the production costs that is 1 GPU for five steps and 31 animate actors.
 4. Otherwise the GPUs left over go, one actor at a time, to the step that limits the pairs per
    second (the fewest actors per second of its cost per sample). Runs without GPUs keep one
    actor per step (more copies of a model on the same cores add memory, not speed).
@@ -59,6 +63,11 @@ class PoolPlan:
     name: str
     actors: int
     resources: Resources  # of each actor
+    # the node of each actor, where the plan lays actors out GPU by GPU (rule 3): Ray places
+    # a fractional request by the node's total (a node with 0.46 + 1.0 free GPU takes a 0.54
+    # request, finds no single GPU to give it and leaves it pending, measured on Ray 2.60
+    # with two nodes of two logical GPUs), so the executor pins each actor to its node
+    nodes: tuple[str, ...] = ()
 
 
 def plan_pools(
@@ -91,7 +100,7 @@ def plan_pools(
         if not growable:
             break
         slowest = min(growable, key=lambda d: actors[d.name] / max(d.cost_s, 1e-9))
-        if requests[slowest.name].num_gpus == 0 or not _place(requests[slowest.name], free):
+        if requests[slowest.name].num_gpus == 0 or _place(requests[slowest.name], free) is None:
             break  # more of anything else would not raise the pairs per second
         actors[slowest.name] += 1
     return {name: PoolPlan(name, actors[name], requests[name]) for name in requests}
@@ -100,51 +109,78 @@ def plan_pools(
 def _colocated(
     demands: list[StepDemand], requests: dict[str, Resources], nodes: list[Node], memory: float
 ) -> dict[str, PoolPlan] | None:
-    """Rule 3: the light GPU steps co-located on L GPUs, the heavy step on every other GPU,
-    whole; None where the rule does not apply or the plan does not place."""
+    """Rule 3: one heavy actor per GPU with the light steps beside it, or the light steps on L
+    GPUs of their own; None where the rule does not apply or the plan does not place."""
     on_gpu = [d for d in demands if requests[d.name].num_gpus > 0]
     if len(on_gpu) < 2:
         return None
     heavy = max(on_gpu, key=lambda d: d.cost_s)
     light = [d for d in on_gpu if d is not heavy]
     whole_gpus = sum(int(node.gpus + 1e-9) for node in nodes)
-    if (
-        requests[heavy.name].num_gpus < 1
-        or whole_gpus < 2
-        or sum(d.gpu_memory_gb for d in light) > memory
-    ):
+    if requests[heavy.name].num_gpus < 1 or whole_gpus < 1:
         return None
-    light_cost = sum(d.cost_s for d in light)  # per sample, on one shared GPU
-    per_heavy = int(requests[heavy.name].num_gpus)
-    # L light GPUs against the rest for the heavy pool: the slower side sets the pace
-    shared_gpus = min(
-        range(1, whole_gpus),
-        key=lambda n: max(light_cost / n, heavy.cost_s / max((whole_gpus - n) // per_heavy, 1e-9)),
-    )
     fractions = {
         d.name: Resources(_memory_fraction(d.gpu_memory_gb, memory), requests[d.name].num_cpus)
         for d in light
     }
+    beside = sum(r.num_gpus for r in fractions.values())
+    light_cost = sum(d.cost_s for d in light)  # per sample, when they share one GPU's compute
+    if (
+        requests[heavy.name].num_gpus == 1
+        and beside < 0.5
+        and _memory_fraction(heavy.gpu_memory_gb, memory) <= 1 - beside
+    ):
+        # Every GPU holds one heavy actor (asking more than half a GPU, so never two) and
+        # room for the light steps beside it; the light steps have as many actors as it takes
+        # for their compute (stolen from the heavy actors they sit beside) to keep up.
+        heavy_request = Resources(round(1 - beside, 2), requests[heavy.name].num_cpus)
+        heavy_gpus = whole_gpus
+        light_sets = min(whole_gpus, max(1, math.ceil(light_cost * whole_gpus / heavy.cost_s)))
+    elif whole_gpus >= 2 and sum(d.gpu_memory_gb for d in light) <= memory:
+        heavy_request, per_heavy = requests[heavy.name], int(requests[heavy.name].num_gpus)
+        # L GPUs of light steps against the rest for the heavy pool: the slower sets the pace
+        light_sets = min(
+            range(1, whole_gpus),
+            key=lambda n: max(
+                light_cost / n, heavy.cost_s / max((whole_gpus - n) // per_heavy, 1e-9)
+            ),
+        )
+        heavy_gpus = whole_gpus - light_sets
+    else:
+        return None
     free = _free(nodes)
-    actors = dict.fromkeys(requests, 0)
-    for _ in range(shared_gpus):  # one of each light step per GPU, packed best fit
+    placed: dict[str, list[str]] = {name: [] for name in requests}  # step -> node per actor
+
+    def place(name: str, request: Resources) -> bool:
+        node = _place(request, free)
+        if node is not None:
+            placed[name].append(node)
+        return node is not None
+
+    while (
+        _below_max(heavy, len(placed[heavy.name]))
+        and len(placed[heavy.name]) * heavy_request.num_gpus < heavy_gpus
+        and place(heavy.name, heavy_request)
+    ):
+        pass
+    for _ in range(light_sets):  # one of each light step per set, packed best fit
         for d in light:
-            if _below_max(d, actors) and _place(fractions[d.name], free):
-                actors[d.name] += 1
+            if _below_max(d, len(placed[d.name])):
+                place(d.name, fractions[d.name])
     for name, request in requests.items():  # steps on CPUs only: one actor, as before
-        if request.num_gpus == 0 and _place(request, free):
-            actors[name] = 1
-    while _below_max(heavy, actors) and _place(requests[heavy.name], free):
-        actors[heavy.name] += 1
-    if any(count == 0 for count in actors.values()):
-        return None  # the nodes' shapes did not allow it: fall back to rule 4
-    plans = {name: PoolPlan(name, actors[name], requests[name]) for name in requests}
-    plans.update({d.name: PoolPlan(d.name, actors[d.name], fractions[d.name]) for d in light})
-    return plans
+        if request.num_gpus == 0:
+            place(name, request)
+    if not all(placed.values()):
+        return None  # the nodes' shapes did not allow it: fall back to rules 2 and 4
+    asks = {**requests, heavy.name: heavy_request, **fractions}
+    return {
+        name: PoolPlan(name, len(placed[name]), asks[name], tuple(placed[name]))
+        for name in requests
+    }
 
 
-def _below_max(demand: StepDemand, actors: dict[str, int]) -> bool:
-    return demand.max_actors is None or actors[demand.name] < demand.max_actors
+def _below_max(demand: StepDemand, actors: int) -> bool:
+    return demand.max_actors is None or actors < demand.max_actors
 
 
 def _memory_fraction(gpu_memory_gb: float, memory: float) -> float:
@@ -195,6 +231,7 @@ class _Room:
     request to one GPU, two halves on different GPUs do not make a whole one)."""
 
     def __init__(self, node: Node):
+        self.node_id = node.node_id
         whole = int(node.gpus + 1e-9)
         self.cpus = node.cpus
         self.gpus = [1.0] * whole + ([node.gpus - whole] if node.gpus - whole > 1e-9 else [])
@@ -225,12 +262,12 @@ def _free(nodes: list[Node]) -> list[_Room]:
 def _place_all(requests: dict[str, Resources], free: list[_Room]) -> bool:
     # largest GPU requests first: a whole-GPU actor must not find its GPU split already
     order = sorted(requests.values(), key=lambda r: (-r.num_gpus, -r.num_cpus))
-    return all(_place(request, free) for request in order)
+    return all(_place(request, free) is not None for request in order)
 
 
-def _place(request: Resources, free: list[_Room]) -> bool:
-    """Take `request` from the first node that holds it."""
-    return any(room.take(request) for room in free)
+def _place(request: Resources, free: list[_Room]) -> str | None:
+    """Take `request` from the first node that holds it; that node's id, or None."""
+    return next((room.node_id for room in free if room.take(request)), None)
 
 
 def _cluster(nodes: list[Node]) -> str:

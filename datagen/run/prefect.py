@@ -30,7 +30,7 @@ from datagen.build.write import run_write
 from datagen.core.api_keys import resolve_api_key
 from datagen.core.native_heap import arrow_on_native_heap
 from datagen.data.dataset import DatasetLock, remove_hidden_temporaries
-from datagen.run.executors import stage_runners
+from datagen.run.executors import shards_in_flight, stage_runners
 from datagen.run.report import publish_artifacts, runner_stats, summarize_build
 
 # Runners of the builds running in this process, by run key. Tasks run in threads of the flow
@@ -156,6 +156,7 @@ def _run_planned_build(config: BuildConfig, use_ray: bool, run_key: str, started
         try:
             provenance = collect_provenance(runners)
             failed: list[str] = []
+            window = shards_in_flight(config, runners)
             in_flight: deque = deque()
             done = 0
 
@@ -177,7 +178,7 @@ def _run_planned_build(config: BuildConfig, use_ray: bool, run_key: str, started
             for shard in shards:
                 # A bounded window of shards in flight keeps memory flat however many shards
                 # a run has, while still overlapping stages of neighbouring shards.
-                if len(in_flight) >= config.shards_in_flight:
+                if len(in_flight) >= window:
                     collect_oldest()
                 previous = None
                 futures = []

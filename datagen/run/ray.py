@@ -13,13 +13,18 @@ nowhere else.
 
 from __future__ import annotations
 
+import concurrent.futures
 import contextlib
 import logging
 import os
+import queue
 import socket
+import statistics
 import threading
 import time
+from collections import Counter, deque
 from collections.abc import Callable, Iterable, Iterator
+from dataclasses import dataclass, field
 from typing import Any
 
 from datagen.core.runner import BatchJob, run_inline
@@ -126,6 +131,12 @@ class StageActor:
         """Answers once the model is loaded, with where this actor's process runs."""
         return socket.gethostname(), os.getpid()
 
+    def node(self) -> str:
+        """The Ray node this actor runs on."""
+        import ray
+
+        return ray.get_runtime_context().get_node_id()
+
 
 class StageStartError(RuntimeError):
     """A stage's actors did not start (not placeable on the cluster, or failed to load)."""
@@ -134,15 +145,55 @@ class StageStartError(RuntimeError):
 # How long a pool waits for its actors' models to load (a 14B model loads in about a minute;
 # longer means Ray cannot place the actors, e.g. the resources are held by another job).
 START_TIMEOUT_S = 900.0
+# A call running longer than this many times the median of the pool's finished calls is a
+# straggler: at the tail of the work (no batch waiting, an actor idle) it is sent to a second
+# actor as well, and the first answer is taken.
+STRAGGLER_FACTOR = 3.0
+STRAGGLER_HISTORY = 5  # finished calls needed before there is a median to compare with
+DEATHS_TO_REJECT = 2  # a sample whose actor died this many times under it is rejected
+WATCH_INTERVAL_S = 0.5  # how often the pool looks for hung calls and stragglers
+MAX_FAILED_STARTS = 3  # replacements in a row that die while loading: the stage cannot load
+
+
+@dataclass(eq=False)
+class _Task:
+    """A batch a caller gave the pool; after an actor died under it, split into single-sample
+    children (so one sample that kills actors cannot take its batch-mates with it)."""
+
+    batch: list
+    send: Callable  # (actor, batch) -> ObjectRef
+    future: concurrent.futures.Future | None = None  # the caller's, on the root task only
+    parent: _Task | None = None
+    collected: list = field(default_factory=list)  # result lists of the finished children
+    children_left: int = 0
+    live_calls: int = 0  # calls running for this task (two while a straggler is re-sent)
+    resent: bool = False
+    resolved: bool = False
+
+
+@dataclass(eq=False)
+class _Call:
+    task: _Task
+    actor: Any
+    began: float
 
 
 class StagePool:
     """A stage's actors and a backpressured `map` over batches, results as they complete.
 
-    Failure handling: an actor that dies mid-batch is replaced (its model loads again) and the
-    batch retried once; a second death of the same batch raises, for Prefect's task retry. A
-    call that exceeds `call_timeout_s` is a hung call: the actor is killed and replaced, and
-    the batch's samples come back as rejects with reason `stage_timeout`.
+    Dispatch: a batch goes to an idle actor at once, or waits in the pool's queue (oldest
+    first, from every caller) until one is idle; it never queues behind a busy actor, so a slow
+    batch holds no other up. Each caller has at most `max_in_flight` batches given and not yet
+    answered. Completions arrive as ObjectRef futures on the pool's own thread, so an actor
+    that finishes is given the next batch at once, whichever caller it belongs to.
+
+    Faults: an actor that dies (killed, out of host memory, its node lost) is replaced in the
+    background and its batch is run again on other actors, split into single samples; a sample
+    under which actors died twice is rejected (`actor_died`) instead of retried forever. A
+    replacement that cannot be placed (the node and its GPUs are gone) leaves the pool smaller,
+    not stuck. A call slower than `call_timeout_s` is hung: its actor is killed and replaced and
+    the batch's samples come back as rejects (`stage_timeout`). Stragglers are re-sent (see
+    STRAGGLER_FACTOR). A stage's own exception (a bug) is raised to the caller.
     """
 
     def __init__(
@@ -156,13 +207,19 @@ class StagePool:
         name: str | None = None,
         env: dict[str, str] | None = None,
         start_timeout_s: float = START_TIMEOUT_S,
+        straggler_factor: float | None = STRAGGLER_FACTOR,
+        nodes: tuple[str, ...] = (),
     ):
         """`env`: environment variables of the actors' processes (Ray merges them with the
-        job's runtime_env); never a secret, as Ray keeps runtime_envs in its control store."""
+        job's runtime_env); never a secret, as Ray keeps runtime_envs in its control store.
+        `nodes`: the Ray node of each actor (the placement's layout), or () to let Ray choose;
+        a replacement prefers its predecessor's node and goes elsewhere if that is gone."""
         import ray
 
         if size < 1:
             raise ValueError(f"pool size must be >= 1, got {size}")
+        if nodes and len(nodes) != size:
+            raise ValueError(f"{len(nodes)} nodes given for {size} actors")
         self.size = size
         self.max_in_flight = max_in_flight or 2 * size
         if self.max_in_flight < 1:
@@ -170,54 +227,76 @@ class StagePool:
         if call_timeout_s is not None and call_timeout_s <= 0:
             raise ValueError("call_timeout_s must be > 0")
         self.call_timeout_s = call_timeout_s
+        self.straggler_factor = straggler_factor
+        self.start_timeout_s = start_timeout_s
         self.name = name or getattr(factory, "name", "stage")
         options = ray_options(resources)
         if env:
             options["runtime_env"] = {"env_vars": dict(env)}
-        self._remote_class = ray.remote(StageActor).options(**options)
+        self._actor_class, self._options = ray.remote(StageActor), options
         self._factory, self._torch_threads = factory, torch_threads
-        self.replacements = 0
-        self._processes: list[tuple[str, int]] = []  # every actor process ever started
         self.resources = resources
-        self.actors = [self._start_actor() for _ in range(size)]
-        self._load = [0] * size  # batches in flight per actor (shard tasks share the pool)
-        self._load_lock = threading.Lock()
-        deadline = time.monotonic() + start_timeout_s
-        for index, actor in enumerate(self.actors):  # models are loaded once these answer
+        self.replacements = 0  # actors started in place of dead or hung ones
+        self.resent = 0  # straggler calls sent to a second actor
+        self._processes: list[tuple[str, int]] = []  # every actor process ever started
+        self._lock = threading.RLock()
+        self._queue: deque[_Task] = deque()
+        self._calls: dict = {}  # ObjectRef -> _Call
+        self._durations: deque[float] = deque(maxlen=101)
+        self._deaths: Counter[str] = Counter()
+        self._starting: list = []  # replacement actors not answering yet
+        self._lost_at: float | None = None  # since when the pool has had no live actor
+        self._failed_starts = 0  # replacements in a row that died while loading
+        self._closed = threading.Event()
+        # Ray runs an ObjectRef's done-callbacks on its own thread, where calling Ray again
+        # can deadlock: the callbacks only post here, and the pool's thread does the rest.
+        self._events: queue.Queue = queue.Queue()
+        self._node_of: dict = {}  # actor -> the node it was pinned to
+        self.actors = [self._start(node) for node in (nodes or [None] * size)]
+        self._await_start(size, resources)
+        self._idle: deque = deque(self.actors)
+        self._thread = threading.Thread(target=self._loop, name=f"{self.name}-pool", daemon=True)
+        self._thread.start()
+
+    def _start(self, node: str | None, soft: bool = False):
+        """A new actor, on `node` if given (`soft`: there if that node is still alive)."""
+        options = dict(self._options)
+        if node:
+            from ray.util.scheduling_strategies import NodeAffinitySchedulingStrategy
+
+            options["scheduling_strategy"] = NodeAffinitySchedulingStrategy(node, soft=soft)
+        actor = self._actor_class.options(**options).remote(self._factory, self._torch_threads)
+        self._node_of[actor] = node
+        return actor
+
+    def _await_start(self, size: int, resources: Resources) -> None:
+        import ray
+
+        deadline = time.monotonic() + self.start_timeout_s
+        for index, actor in enumerate(list(self.actors)):  # models are loaded once these answer
             try:
                 left = max(deadline - time.monotonic(), 0.1)
                 self._processes.append(ray.get(actor.ready.remote(), timeout=left))
-            except ray.exceptions.RayActorError:
-                self._replace(index, actor)  # died while loading: one more try
+            except ray.exceptions.RayActorError:  # died while loading: one more try
+                self.actors[index] = self._start(self._node_of.get(actor))
+                self._processes.append(ray.get(self.actors[index].ready.remote()))
+                self.replacements += 1
             except ray.exceptions.GetTimeoutError:
                 free, total = ray.available_resources(), ray.cluster_resources()
                 self.shutdown(wait_s=0)
                 raise StageStartError(
                     f"{self.name}: {size} actor(s) asking {resources.num_gpus:g} GPU + "
                     f"{resources.num_cpus:g} CPU each did not start within "
-                    f"{start_timeout_s:g} s; the cluster has {_gpus_cpus(total)}, "
+                    f"{self.start_timeout_s:g} s; the cluster has {_gpus_cpus(total)}, "
                     f"{_gpus_cpus(free)} free"
                 ) from None
 
-    def _start_actor(self):
-        return self._remote_class.remote(self._factory, self._torch_threads)
-
-    def _replace(self, index: int, failed) -> None:
-        """Replace the actor at `index` if it is still the one that failed."""
-        import ray
-
-        if self.actors[index] is not failed:
-            return
-        with contextlib.suppress(Exception):
-            ray.kill(self.actors[index])
-        self.actors[index] = self._start_actor()
-        self._processes.append(ray.get(self.actors[index].ready.remote()))
-        self.replacements += 1
+    # --- what callers use
 
     def map(self, batches: Iterable[list]) -> Iterator[list]:
         """Process batches of stage inputs on the actors, yielding each batch's results as it
-        completes."""
-        return self._dispatch(batches, lambda actor, batch: actor.process.remote(batch))
+        completes (a batch split after an actor died comes back as several)."""
+        return self._stream(batches, lambda actor, batch: actor.process.remote(batch))
 
     def run(self, job: BatchJob, batches: Iterable[list]) -> Iterator[list]:
         """`job` over batches of references on the actors (each reads and saves its samples
@@ -226,67 +305,234 @@ class StagePool:
         import ray
 
         job_ref = ray.put(job)
-        return self._dispatch(batches, lambda actor, batch: actor.run.remote(job_ref, batch))
+        return self._stream(batches, lambda actor, batch: actor.run.remote(job_ref, batch))
 
-    def _dispatch(self, batches: Iterable[list], submit: Callable) -> Iterator[list]:
-        """Each batch goes to a free actor (not round-robin; with every actor busy, it waits
-        for the first to finish), and at most `max_in_flight` batches are submitted but not
-        yet consumed."""
-        pending: dict = {}  # ref -> (batch, actor index, actor), oldest first
+    def _stream(self, batches: Iterable[list], send: Callable) -> Iterator[list]:
+        waiting: set[concurrent.futures.Future] = set()
         for batch in batches:
-            # wait for a free actor rather than queue behind a busy one (a straggler would
-            # hold the queued batch up); a pool busy with other shards' batches is queued on
-            while pending and (len(pending) >= self.max_in_flight or min(self._load) > 0):
-                yield self._next_done(pending, submit)
-            with self._load_lock:
-                index = min(range(self.size), key=self._load.__getitem__)
-                self._load[index] += 1
-            actor = self.actors[index]
-            pending[submit(actor, batch)] = (batch, index, actor)
-        while pending:
-            yield self._next_done(pending, submit)
+            while len(waiting) >= self.max_in_flight:
+                yield from self._answers(waiting)
+            waiting.add(self._submit(_Task(batch, send, concurrent.futures.Future())))
+        while waiting:
+            yield from self._answers(waiting)
 
-    def _next_done(self, pending: dict, submit: Callable) -> list:
-        import ray
+    @staticmethod
+    def _answers(waiting: set) -> Iterator[list]:
+        done, _ = concurrent.futures.wait(waiting, return_when="FIRST_COMPLETED")
+        for future in done:
+            waiting.discard(future)
+            yield from future.result()  # the batch's result list(s); a stage's error raises
 
-        ready, _ = ray.wait(list(pending), num_returns=1, timeout=self.call_timeout_s)
-        ref = ready[0] if ready else next(iter(pending))  # none done in time: the oldest hung
-        batch, index, actor = pending.pop(ref)
-        with self._load_lock:
-            self._load[index] -= 1
-        return self._collect(batch, index, actor, ref, submit)
+    # --- dispatch (under the lock; callbacks arrive on Ray's threads)
 
-    def _collect(self, batch: list, index: int, actor, ref, submit: Callable) -> list:
-        import ray
-        from ray.exceptions import GetTimeoutError, RayActorError
+    def _submit(self, task: _Task, first: bool = False) -> concurrent.futures.Future | None:
+        with self._lock:
+            if self._closed.is_set():
+                raise RuntimeError(f"{self.name}: the pool is shut down")
+            (self._queue.appendleft if first else self._queue.append)(task)
+            self._assign()
+        return task.future
 
-        for attempt in (1, 2):
+    def _assign(self) -> None:
+        while self._queue and self._idle:
+            self._call(self._queue.popleft(), self._idle.popleft())
+
+    def _call(self, task: _Task, actor) -> None:
+        ref = task.send(actor, task.batch)
+        self._calls[ref] = _Call(task, actor, time.monotonic())
+        task.live_calls += 1
+        ref.future().add_done_callback(
+            lambda future, ref=ref: self._events.put((self._finished, ref, future))
+        )
+
+    def _finished(self, ref, future: concurrent.futures.Future) -> None:
+        with self._lock:
+            call = self._calls.pop(ref, None)
+            if call is None or self._closed.is_set():
+                return  # timed out and handled already, or shutting down
             try:
-                return ray.get(ref, timeout=self.call_timeout_s)
-            except GetTimeoutError:
-                self._replace(index, actor)
-                return [
-                    Reject(
-                        getattr(item, "sample_id", repr(item)),
-                        self.name,
-                        "stage_timeout",
-                        f"no answer within {self.call_timeout_s:g} s",
-                    )
-                    for item in batch
+                self._settle(call, future)
+                self._assign()
+            except Exception as error:  # a callback must not lose a caller's batch
+                self._fail(call.task, error)
+
+    def _settle(self, call: _Call, future: concurrent.futures.Future) -> None:
+        from ray.exceptions import RayActorError
+
+        task = call.task
+        task.live_calls -= 1
+        try:
+            value = future.result()
+        except RayActorError:
+            self._lost(call.actor)
+            if not task.resolved and task.live_calls == 0:
+                self._split_after_death(task)
+        except Exception as error:  # the stage raised: a bug, for the caller (and Prefect)
+            self._idle.append(call.actor)
+            if not task.resolved:
+                self._fail(task, error)
+        else:
+            self._durations.append(time.monotonic() - call.began)
+            self._idle.append(call.actor)
+            if not task.resolved:  # else a re-sent straggler's twin answered first
+                self._resolve(task, [value])
+
+    def _split_after_death(self, task: _Task) -> None:
+        """Run the batch's samples again one by one; reject those that killed actors twice."""
+        killers = []
+        for item in task.batch:
+            self._deaths[_key(item)] += 1
+            if self._deaths[_key(item)] >= DEATHS_TO_REJECT:
+                killers.append(item)
+        again = [item for item in task.batch if item not in killers]
+        if killers:
+            task.collected.append(
+                [
+                    Reject(_key(item), self.name, "actor_died", "its actor died twice under it")
+                    for item in killers
                 ]
-            except RayActorError:
-                # batches queued on the same dead actor find it replaced already
-                self._replace(index, actor)
-                if attempt == 2:
-                    raise
-                actor = self.actors[index]
-                ref = submit(actor, batch)
-        raise AssertionError("unreachable")
+            )
+        task.children_left = len(again)
+        if not again:
+            self._resolve(task, task.collected)
+        for item in reversed(again):  # retries go first, on whichever actor is idle
+            self._submit(_Task([item], task.send, parent=task), first=True)
+
+    def _resolve(self, task: _Task, result_lists: list) -> None:
+        task.resolved = True
+        if task.parent is None:
+            if not task.future.done():
+                task.future.set_result(result_lists)
+            return
+        parent = task.parent
+        parent.collected.extend(result_lists)
+        parent.children_left -= 1
+        if parent.children_left == 0:
+            self._resolve(parent, parent.collected)
+
+    def _fail(self, task: _Task, error: BaseException) -> None:
+        task.resolved = True
+        while task.parent is not None:
+            task = task.parent
+        if not task.future.done():
+            task.future.set_exception(error)
+
+    # --- actors lost and replaced
+
+    def _lost(self, actor) -> None:
+        """`actor` died or was killed: forget it and start another in the background."""
+        import ray
+
+        if actor not in self.actors:
+            return  # another call of the same actor reported it first
+        self.actors.remove(actor)
+        with contextlib.suppress(ValueError):
+            self._idle.remove(actor)
+        with contextlib.suppress(Exception):
+            ray.kill(actor)
+        if not self.actors and self._lost_at is None:
+            self._lost_at = time.monotonic()
+        replacement = self._start(self._node_of.get(actor), soft=True)
+        self._starting.append(replacement)
+        self.replacements += 1
+        replacement.ready.remote().future().add_done_callback(
+            lambda future: self._events.put((self._started, replacement, future))
+        )
+
+    def _started(self, actor, future: concurrent.futures.Future) -> None:
+        with self._lock:
+            if actor in self._starting:
+                self._starting.remove(actor)
+            if self._closed.is_set():
+                return
+            try:
+                self._processes.append(future.result())
+            except Exception:  # died while loading, e.g. on a node going down: try again
+                self._failed_starts += 1
+                if self._failed_starts < MAX_FAILED_STARTS:
+                    self.actors.append(actor)
+                    self._lost(actor)
+                elif not self.actors:
+                    self._give_up()
+                return
+            self._failed_starts = 0
+            self.actors.append(actor)
+            self._idle.append(actor)
+            self._lost_at = None
+            self._assign()
+
+    # --- the pool's thread: completions, starts, hung calls and stragglers
+
+    def _loop(self) -> None:
+        watched = time.monotonic()
+        while not self._closed.is_set():
+            try:
+                handle, what, future = self._events.get(timeout=WATCH_INTERVAL_S)
+                handle(what, future)
+            except queue.Empty:
+                pass
+            if time.monotonic() - watched >= WATCH_INTERVAL_S:
+                watched = time.monotonic()
+                self._watch()
+
+    def _watch(self) -> None:
+        with self._lock:
+            now = time.monotonic()
+            for ref, call in list(self._calls.items()):
+                age = now - call.began
+                if self.call_timeout_s is not None and age > self.call_timeout_s:
+                    self._hung(ref, call)
+                elif self._straggles(call.task, age):
+                    call.task.resent = True
+                    self.resent += 1
+                    self._call(call.task, self._idle.popleft())
+            if self._lost_at is not None and now - self._lost_at > self.start_timeout_s:
+                self._give_up()
+
+    def _hung(self, ref, call: _Call) -> None:
+        del self._calls[ref]
+        task = call.task
+        task.live_calls -= 1
+        self._lost(call.actor)
+        if not task.resolved and task.live_calls == 0:
+            detail = f"no answer within {self.call_timeout_s:g} s"
+            self._resolve(
+                task, [[Reject(_key(i), self.name, "stage_timeout", detail) for i in task.batch]]
+            )
+        self._assign()
+
+    def _straggles(self, task: _Task, age: float) -> bool:
+        if self.straggler_factor is None or task.resent or task.resolved:
+            return False
+        if self._queue or not self._idle or len(self._durations) < STRAGGLER_HISTORY:
+            return False  # new work first; re-sending is for the tail
+        return age > self.straggler_factor * statistics.median(self._durations)
+
+    def _give_up(self) -> None:
+        """No actor left and none starting (every replacement unplaceable for
+        start_timeout_s, or dying while it loads): fail what waits."""
+        error = StageStartError(
+            f"{self.name}: every actor was lost and none could be started again "
+            f"(within {self.start_timeout_s:g} s, or {MAX_FAILED_STARTS} died loading)"
+        )
+        while self._queue:
+            self._fail(self._queue.popleft(), error)
+        for call in self._calls.values():
+            self._fail(call.task, error)
+        self._calls.clear()
+
+    # --- the rest of the runner contract
+
+    def nodes(self) -> list[str]:
+        """The Ray node of each live actor."""
+        import ray
+
+        return ray.get([actor.node.remote() for actor in list(self.actors)])
 
     def stats(self) -> list[StageStats]:
         import ray
 
-        return ray.get([actor.stats.remote() for actor in self.actors])
+        return ray.get([actor.stats.remote() for actor in list(self.actors)])
 
     def models(self) -> dict:
         import ray
@@ -303,15 +549,26 @@ class StagePool:
         gone (ray.kill only asks), so a finished build leaves no process behind."""
         import ray
 
-        for actor in self.actors:
+        self._closed.set()
+        self._events.put((lambda what, future: None, None, None))  # wakes the pool's thread
+        with self._lock:
+            doomed = [*self.actors, *self._starting]
+            self.actors, self._starting = [], []
+            for call in self._calls.values():
+                self._fail(call.task, RuntimeError(f"{self.name}: the pool was shut down"))
+            self._calls.clear()
+        for actor in doomed:
             with contextlib.suppress(Exception):
                 ray.kill(actor)
-        self.actors = []
         here = socket.gethostname()
         local = [pid for host, pid in self._processes if host == here]
         deadline = time.monotonic() + wait_s
         while any(_alive(pid) for pid in local) and time.monotonic() < deadline:
             time.sleep(0.1)
+
+
+def _key(item) -> str:
+    return getattr(item, "sample_id", None) or repr(item)
 
 
 def _alive(pid: int) -> bool:
