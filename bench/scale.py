@@ -16,9 +16,10 @@ tests do). Engines:
 - `raydata`: the same stand-ins and jobs as a Ray Data pipeline, one `map_batches` per step over
   an actor pool of the planned size (`concurrency`), streaming with Ray Data's backpressure.
 
-For each N it prints pairs per minute (steady state: from the first animate call, when the
-actors have started and the pipeline is primed, to the last pair out), speedup over N = 1, the
-busy fraction of the animate actors from their first call to their last, the orchestration
+For each N it prints pairs per minute (from the first animate call, when the actors are up, to
+the last pair out: the pipeline's fill and drain included), speedup over N = 1, the busy
+fraction of the animate actors in steady state (from when the last of them started its first
+call to when the first finished its last), the orchestration
 overhead per sample-step (pools: StepReport.overhead_s) and the
 driver's CPU per sample; then the driver's peak RSS at 1x and 10x samples. Exits 1 when a
 target of the scale-out issue is missed (speedup >= 0.9 N, animate busy >= 95%, overhead
@@ -290,13 +291,24 @@ def process_cpu() -> float:
     return usage.ru_utime + usage.ru_stime
 
 
-def calls(log_dir: str, step: str) -> list[tuple[float, float]]:
-    """Every (start, end) of the step's stand-in calls, from all its actors."""
+def calls(log_dir: str, step: str) -> list[list[tuple[float, float]]]:
+    """Each actor's (start, end) of its stand-in calls, one list per actor."""
     return [
-        tuple(json.loads(line))
+        [tuple(json.loads(line)) for line in path.read_text().splitlines()]
         for path in Path(log_dir).glob(f"{step}-*.jsonl")
-        for line in path.read_text().splitlines()
     ]
+
+
+def steady_busy(per_actor: list[list[tuple[float, float]]]) -> float:
+    """Busy fraction of the actors in steady state: from the moment the last of them started
+    its first call (the pipeline primed) to the moment the first finished its last (the work
+    running out)."""
+    start = max(min(a for a, _ in own) for own in per_actor)
+    end = min(max(b for _, b in own) for own in per_actor)
+    if end <= start:
+        return float("nan")
+    held = sum(max(0.0, min(b, end) - max(a, start)) for own in per_actor for a, b in own)
+    return held / (len(per_actor) * (end - start))
 
 
 def measure(engine: str, gpus: int, args) -> dict:
@@ -329,11 +341,16 @@ def measure(engine: str, gpus: int, args) -> dict:
         done = sorted(result["done_at"])
         if len(done) != samples:
             raise RuntimeError(f"{engine} at N={gpus}: {len(done)} of {samples} samples came out")
-        # steady state: from the first animate call on (actors started, the pipeline primed)
         animated = calls(log_dir, "animate")
-        start, end = min(a for a, _ in animated), max(b for _, b in animated)
-        rate = 60.0 * samples / max(done[-1] - start, 1e-9)
-        busy = sum(b - a for a, b in animated) / max(animate * (end - start), 1e-9)
+        if len(animated) != animate:
+            raise RuntimeError(
+                f"{engine} at N={gpus}: {len(animated)} of {animate} animate actors ran"
+            )
+        # from the first animate call (the actors are up) to the last pair out: pipeline fill
+        # and drain included
+        first = min(a for own in animated for a, _ in own)
+        rate = 60.0 * samples / max(done[-1] - first, 1e-9)
+        busy = steady_busy(animated)
     return {
         "engine": engine,
         "gpus": gpus,

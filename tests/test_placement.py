@@ -71,7 +71,8 @@ def test_two_gpus_hold_what_asks_four_and_a_half_with_an_animate_actor_on_each()
     # the twins' models fit beside each other: one animate actor per GPU, more than half of it
     assert plans["animate"].actors == 2 and plans["animate"].resources.num_gpus > 0.5
     light = [p for p in plans.values() if p.name != "animate"]
-    assert all(p.actors == 1 and 0 < p.resources.num_gpus < 0.5 for p in light)
+    # one actor of each light step per node
+    assert all(p.actors == 2 and 0 < p.resources.num_gpus < 0.5 for p in light)
 
 
 def test_on_gpus_that_hold_every_model_each_gpu_animates_with_the_light_steps_beside():
@@ -79,7 +80,9 @@ def test_on_gpus_that_hold_every_model_each_gpu_animates_with_the_light_steps_be
     assert plans["animate"].actors == 16
     beside = sum(p.resources.num_gpus for p in plans.values() if p.name != "animate")
     assert plans["animate"].resources.num_gpus + beside <= 1
-    assert all(p.actors == 1 for p in plans.values() if p.name != "animate")
+    # one actor of each light step per node, pinned there
+    light = [p for p in plans.values() if p.name != "animate"]
+    assert all(sorted(p.nodes) == ["node-0", "node-1"] for p in light), light
 
 
 def test_production_models_that_do_not_fit_one_gpu_fail_at_once_with_what_was_asked():

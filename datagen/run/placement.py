@@ -14,8 +14,8 @@ Pure arithmetic, no Ray: the Ray executor passes the nodes' resources in. Three 
    - where the heavy step's models and all the light ones fit one GPU together (an H200's
      141 GB holds animate's 60 GB and the others' 60 GB), every GPU holds one heavy actor
      (asking more than half a GPU, so Ray never puts two on one) with room beside it for the
-     light steps, which get the fewest actors whose compute keeps up (usually one each): all
-     N GPUs animate;
+     light steps, which get enough actors for their compute to keep up and at least one per
+     node: all N GPUs animate;
    - otherwise (80 GB GPUs), where the light steps fit one GPU together, they get L GPUs of
      their own, one actor of each per GPU, and the heavy step every other GPU, whole. L
      balances the two: co-located steps share one GPU's compute, so their costs add up; on 32
@@ -135,7 +135,11 @@ def _colocated(
         # for their compute (stolen from the heavy actors they sit beside) to keep up.
         heavy_request = Resources(round(1 - beside, 2), requests[heavy.name].num_cpus)
         heavy_gpus = whole_gpus
-        light_sets = min(whole_gpus, max(1, math.ceil(light_cost * whole_gpus / heavy.cost_s)))
+        # at least one set per node with GPUs: the light work is the same however many
+        # actors share it, more of them fill the pipeline sooner and a lost node takes none
+        # of a step's only actor with it (the cost is their model loads)
+        keep_up = math.ceil(light_cost * whole_gpus / heavy.cost_s)
+        light_sets = min(whole_gpus, max(keep_up, sum(1 for n in nodes if n.gpus >= 1)))
     elif whole_gpus >= 2 and sum(d.gpu_memory_gb for d in light) <= memory:
         heavy_request, per_heavy = requests[heavy.name], int(requests[heavy.name].num_gpus)
         # L GPUs of light steps against the rest for the heavy pool: the slower sets the pace
@@ -151,11 +155,14 @@ def _colocated(
     free = _free(nodes)
     placed: dict[str, list[str]] = {name: [] for name in requests}  # step -> node per actor
 
-    def place(name: str, request: Resources) -> bool:
-        node = _place(request, free)
+    def place(name: str, request: Resources, first_room: int = 0) -> bool:
+        rooms = free[first_room:] + free[:first_room]
+        node = _place(request, rooms)
         if node is not None:
             placed[name].append(node)
         return node is not None
+
+    with_gpus = [i for i, node in enumerate(nodes) if node.gpus >= 1]
 
     while (
         _below_max(heavy, len(placed[heavy.name]))
@@ -163,10 +170,10 @@ def _colocated(
         and place(heavy.name, heavy_request)
     ):
         pass
-    for _ in range(light_sets):  # one of each light step per set, packed best fit
+    for number in range(light_sets):  # one of each light step per set, the sets over the nodes
         for d in light:
             if _below_max(d, len(placed[d.name])):
-                place(d.name, fractions[d.name])
+                place(d.name, fractions[d.name], with_gpus[number % len(with_gpus)])
     for name, request in requests.items():  # steps on CPUs only: one actor, as before
         if request.num_gpus == 0:
             place(name, request)
