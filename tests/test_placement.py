@@ -75,6 +75,16 @@ def test_two_gpus_hold_what_asks_four_and_a_half_with_an_animate_actor_on_each()
     assert all(p.actors == 2 and 0 < p.resources.num_gpus < 0.5 for p in light)
 
 
+def test_a_node_short_of_cpus_gets_fewer_light_sets_not_a_shared_animate_gpu():
+    # one node, two GPUs and two logical CPUs (a laptop's Ray): the twelve actors of two light
+    # sets do not fit the CPUs, one set does, and each GPU keeps its animate actor
+    plans = plan_pools(demands(TINY), [Node("node-0", 2, 2)])
+    assert plans["animate"].actors == 2 and plans["animate"].resources.num_gpus > 0.5
+    assert all(p.actors == 1 for p in plans.values() if p.name != "animate")
+    asked = sum(p.actors * p.resources.num_cpus for p in plans.values())
+    assert asked <= 2
+
+
 def test_on_gpus_that_hold_every_model_each_gpu_animates_with_the_light_steps_beside():
     plans = plan_pools(demands(), nodes(8, 8), gpu_memory_gb=141)  # H200s
     assert plans["animate"].actors == 16

@@ -422,13 +422,20 @@ class BuildConfig:
         fields = {
             k: v for k, v in asdict(self).items() if k not in WORK_KEY_EXCLUDED and v is not None
         }
+        fields.update(WORK_KEY_FROZEN)
         fields["recipe"] = RECIPE
         key = hashlib.sha256(json.dumps(fields, sort_keys=True).encode()).hexdigest()
         return Path(self.out) / "_work" / f"{self.split}-{key[:12]}"
 
 
 # BuildConfig fields that do not change a build's output, left out of its work_root key.
-WORK_KEY_EXCLUDED = frozenset({"vlm_api_key_block", "stylize_api_key_block", "gpu_memory_gb"})
+WORK_KEY_EXCLUDED = frozenset(
+    {"vlm_api_key_block", "stylize_api_key_block", "gpu_memory_gb", "shards_in_flight"}
+)
+# Fields that were in the key once and no longer are: hashed at the default they had then, so
+# the work folders of builds started by earlier releases keep their keys (the shard window was
+# 2 before it was derived from the largest pool).
+WORK_KEY_FROZEN = {"shards_in_flight": 2}
 
 # The fields' types (their bounds and choices included) are checked by pydantic, strictly (no
 # bool for an int, no "3" for a number), here rather than by making BuildConfig a pydantic

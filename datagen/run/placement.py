@@ -152,6 +152,51 @@ def _colocated(
         heavy_gpus = whole_gpus - light_sets
     else:
         return None
+    with_gpus = [i for i, node in enumerate(nodes) if node.gpus >= 1]
+    fewest = min(light_sets, len(with_gpus))
+    # Fewer light sets where the nodes' CPUs do not hold them all, down to one set per node;
+    # then smaller CPU shares (a laptop's Ray with two logical CPUs and two GPUs).
+    tries = [(sets, heavy_request, fractions) for sets in range(light_sets, fewest - 1, -1)]
+    most_per_node = max(int(nodes[i].gpus + 1e-9) for i in with_gpus) + len(light) * math.ceil(
+        fewest / len(with_gpus)
+    )
+    cpu_only = sum(1 for r in requests.values() if r.num_gpus == 0)
+    share = round(min(node.cpus for node in nodes) / (most_per_node + cpu_only + 1) - 0.005, 2)
+    if share >= GPU_QUANTUM:
+        tries.append((fewest, _at_most(heavy_request, share), _at_most(fractions, share)))
+    for sets, heavy_ask, light_asks in tries:
+        placed = _lay_out(
+            nodes, requests, heavy, heavy_ask, heavy_gpus, light_asks, light, sets, with_gpus
+        )
+        if placed is not None:
+            asks = {**requests, heavy.name: heavy_ask, **light_asks}
+            return {
+                name: PoolPlan(name, len(placed[name]), asks[name], tuple(placed[name]))
+                for name in requests
+            }
+    return None  # the nodes' shapes did not allow it: fall back to rules 2 and 4
+
+
+def _at_most(asked, cpus: float):
+    """`asked` (a Resources, or a dict of them) asking at most `cpus` CPUs per actor."""
+    if isinstance(asked, dict):
+        return {name: _at_most(request, cpus) for name, request in asked.items()}
+    return Resources(asked.num_gpus, min(asked.num_cpus, cpus))
+
+
+def _lay_out(
+    nodes: list[Node],
+    requests: dict[str, Resources],
+    heavy: StepDemand,
+    heavy_request: Resources,
+    heavy_gpus: int,
+    fractions: dict[str, Resources],
+    light: list[StepDemand],
+    light_sets: int,
+    with_gpus: list[int],
+) -> dict[str, list[str]] | None:
+    """Rule 3's layout: the heavy actors GPU by GPU, then the light sets over the nodes; the
+    node of each actor per step, or None where some step got none."""
     free = _free(nodes)
     placed: dict[str, list[str]] = {name: [] for name in requests}  # step -> node per actor
 
@@ -161,8 +206,6 @@ def _colocated(
         if node is not None:
             placed[name].append(node)
         return node is not None
-
-    with_gpus = [i for i, node in enumerate(nodes) if node.gpus >= 1]
 
     while (
         _below_max(heavy, len(placed[heavy.name]))
@@ -177,13 +220,7 @@ def _colocated(
     for name, request in requests.items():  # steps on CPUs only: one actor, as before
         if request.num_gpus == 0:
             place(name, request)
-    if not all(placed.values()):
-        return None  # the nodes' shapes did not allow it: fall back to rules 2 and 4
-    asks = {**requests, heavy.name: heavy_request, **fractions}
-    return {
-        name: PoolPlan(name, len(placed[name]), asks[name], tuple(placed[name]))
-        for name in requests
-    }
+    return placed if all(placed.values()) else None
 
 
 def _below_max(demand: StepDemand, actors: int) -> bool:
