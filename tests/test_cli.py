@@ -244,3 +244,49 @@ def test_build_reports_an_unreadable_key_block_in_one_line(monkeypatch, tmp_path
     assert result.exit_code == 1
     assert result.output.startswith("error: caption: the Prefect Secret block 'missing-key'")
     assert "Traceback" not in result.output
+
+
+@pytest.mark.slow
+def test_build_on_a_terminal_draws_progress_bars_instead_of_task_logs(tmp_path):
+    """`datagen build` on a terminal (a pseudo-terminal here) shows a live bar per step with
+    its counts, rate and ETA, and the shards written; the task runs' INFO lines stay in the
+    Prefect API, off the screen."""
+    import pty
+
+    from datagen.data.demo_clips import SAMPLE_CLIPS, write_samples
+
+    clips = tmp_path / "clips"
+    write_samples(clips, SAMPLE_CLIPS[:2])
+    env = {k: v for k, v in os.environ.items() if k != "PREFECT_API_URL"} | {
+        "PREFECT_HOME": str(tmp_path / "prefect"),
+        "COLUMNS": "220",
+        "RAY_USAGE_STATS_ENABLED": "0",
+    }
+    command = [sys.executable, "-m", "datagen.cli", "build", "ct", "--no-ray"]
+    command += ["--source", str(clips), "--out", str(tmp_path / "out"), "--shard-size", "1"]
+    primary, secondary = pty.openpty()
+    process = subprocess.Popen(
+        command, stdin=secondary, stdout=secondary, stderr=secondary, env=env
+    )
+    os.close(secondary)
+    chunks = []
+    while True:
+        try:
+            chunk = os.read(primary, 65536)
+        except OSError:  # the build ended and closed its side
+            break
+        if not chunk:
+            break
+        chunks.append(chunk)
+    os.close(primary)
+    assert process.wait(timeout=600) == 0, b"".join(chunks).decode(errors="replace")[-4000:]
+    text = b"".join(chunks).decode(errors="replace")
+    final = text[text.rindex("control") :]  # the bars' last frame
+    for step in ("control", "describe", "stylize", "animate", "caption", "score"):
+        line = next(line for line in final.splitlines() if line.strip().startswith(step))
+        assert "2/2" in line and "2 done" in line and "0 rejected" in line, line
+        assert "samples/" in line and "ETA 0:00" in line and "1 actor" in line, line
+    shards = next(line for line in final.splitlines() if line.strip().startswith("shards"))
+    assert "2/2" in shards and "pairs written" in shards, shards
+    assert "Task run" not in text, text[-4000:]  # no scroll of task logs
+    assert "pairs written to" in final

@@ -33,15 +33,31 @@ def sources(tmp_path_factory):
 def test_build_ct_on_ray_then_rerun_adds_nothing(prefect_env, sources, tmp_path_factory):
     out = tmp_path_factory.mktemp("out")
     build_ct = load_flow("ct")
-    summary = build_ct(
+    state = build_ct(
         source=str(sources),
         out=str(out),
         styles=["ink_wash", "watercolor"],
         shard_size=2,
         csd_threshold=-1.0,
         use_ray=True,
+        return_state=True,
     )
+    summary = state.result()
     assert summary["written"] == 4 and summary["failed_shards"] == []
+    task_runs, artifacts = flow_run_records(state.state_details.flow_run_id)
+    # one task run per shard (every step, then the write) and the plan: not one per step
+    assert sorted(task_runs) == ["plan", "shard-00000", "shard-00001"]
+    assert set(task_runs.values()) == {"COMPLETED"}
+    steps = ("control", "describe", "stylize", "animate", "caption", "score")
+    for name in steps:  # each step's live progress artifact, at its final count
+        progress = artifacts[f"ct-{name}-progress"]
+        assert progress.data == 100.0, (name, progress)
+        assert progress.description.startswith(f"{name}: 4 done, 0 rejected, 0 skipped, "), (
+            progress.description
+        )
+        assert "0 in flight of 4" in progress.description and "1 actor" in progress.description
+    shards = artifacts["ct-build-progress"]
+    assert shards.data == 100.0 and shards.description.startswith("shards written of 2: 2;")
     # every model loaded exactly once for the whole run, in its Ray actor
     assert summary["model_loads"] == {
         s: 1 for s in ("control", "describe", "stylize", "animate", "caption", "score")
@@ -69,6 +85,27 @@ def test_build_ct_on_ray_then_rerun_adds_nothing(prefect_env, sources, tmp_path_
     assert again["written"] == 0 and again["already_committed"] == 4
     assert list_shards(out / "ct") == shards
     assert Dataset(out / "ct").index().num_rows == 4
+
+
+def flow_run_records(flow_run_id) -> tuple[dict, dict]:
+    """The flow run's task runs (name -> state type) and artifacts (key -> newest), from the
+    Prefect API."""
+    from prefect import get_client
+    from prefect.client.schemas.filters import (
+        ArtifactFilter,
+        ArtifactFilterFlowRunId,
+        FlowRunFilter,
+        FlowRunFilterId,
+    )
+
+    with get_client(sync_client=True) as client:
+        runs = client.read_task_runs(
+            flow_run_filter=FlowRunFilter(id=FlowRunFilterId(any_=[flow_run_id]))
+        )
+        artifacts = client.read_artifacts(
+            artifact_filter=ArtifactFilter(flow_run_id=ArtifactFilterFlowRunId(any_=[flow_run_id]))
+        )
+    return {r.name: r.state.type.value for r in runs}, {a.key: a for a in artifacts}
 
 
 def test_build_sft_writes_pending_candidates(prefect_env, sources, tmp_path_factory):
@@ -100,3 +137,16 @@ def test_bad_parameters_fail_the_flow_before_any_work(prefect_env, sources, tmp_
     assert result.exit_code == 1
     assert "unknown style 'nope'" in result.output
     assert not (tmp_path / "out").exists()
+
+
+def test_shard_task_runs_stay_bounded_however_many_shards():
+    from datagen.run.prefect import group_name, shard_groups
+
+    few = [f"shard-{n:05d}" for n in range(7)]
+    assert shard_groups(few) == [[s] for s in few]  # one task run per shard
+    many = [f"shard-{n:05d}" for n in range(2500)]
+    groups = shard_groups(many)
+    assert len(groups) <= 1000 and {len(g) for g in groups} <= {3, 1}
+    assert [s for g in groups for s in g] == many  # every shard once, in order
+    assert group_name(groups[0]) == "shard-00000..shard-00002"
+    assert group_name(["shard-00004"]) == "shard-00004"

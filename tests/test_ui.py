@@ -20,7 +20,7 @@ from datagen.data.demo_clips import SAMPLE_CLIPS, write_samples
 
 CHROMIUM = shutil.which("chromium") or "/usr/bin/chromium"
 CHROMEDRIVER = shutil.which("chromedriver") or "/usr/bin/chromedriver"
-STAGES = ("control", "describe", "stylize", "animate", "caption", "score", "write")
+STEPS = ("control", "describe", "stylize", "animate", "caption", "score")
 SAMPLES = 2
 
 pytestmark = [
@@ -141,10 +141,10 @@ def artifact_ids(stack, run_id: str) -> dict[str, str]:
     return {a["key"]: a["id"] for a in artifacts}
 
 
-def test_flow_run_page_lists_a_task_run_per_stage_and_shard(finished_run, browser, shots):
+def test_flow_run_page_lists_a_task_run_per_shard(finished_run, browser, shots):
     stack, run_id = finished_run
     open_tab(browser, stack, run_id, "task-runs")
-    expected = [f"{stage}-shard-{n:05d}" for stage in STAGES for n in range(SAMPLES)]
+    expected = [f"shard-{n:05d}" for n in range(SAMPLES)]
     wait_for(
         browser,
         lambda d: all(name in page_text(d) for name in expected),
@@ -152,7 +152,8 @@ def test_flow_run_page_lists_a_task_run_per_stage_and_shard(finished_run, browse
     )
     text = page_text(browser)
     assert "Completed" in text and "build-ct" in text
-    assert f"{1 + len(expected)} Task runs" in text  # plan + one per (stage, shard)
+    # plan + one per shard: the count does not grow with the samples or the steps
+    assert f"{1 + len(expected)} Task runs" in text
     shots(browser, "task-runs")
 
 
@@ -160,6 +161,7 @@ def test_flow_run_page_lists_the_artifacts(finished_run, browser, shots):
     stack, run_id = finished_run
     open_tab(browser, stack, run_id, "artifacts")
     keys = ("ct-build-summary", "ct-build-preview", "ct-build-progress", "ct-build-stages")
+    keys += tuple(f"ct-{step}-progress" for step in STEPS)
     wait_for(
         browser,
         lambda d: all(key in page_text(d) for key in keys),
@@ -174,8 +176,20 @@ def test_progress_artifact_shows_the_run_finished(finished_run, browser, shots):
         f"{stack.url}/artifacts/artifact/{artifact_ids(stack, run_id)['ct-build-progress']}"
     )
     wait_for(browser, lambda d: "Progress: 100%" in page_text(d), "progress is not 100%")
-    assert f"shards written of {SAMPLES}" in page_text(browser)
+    assert f"shards written of {SAMPLES}: {SAMPLES}" in page_text(browser)
     shots(browser, "progress")
+
+
+def test_each_step_shows_its_progress_counts_and_pool(finished_run, browser, shots):
+    stack, run_id = finished_run
+    browser.get(
+        f"{stack.url}/artifacts/artifact/{artifact_ids(stack, run_id)['ct-animate-progress']}"
+    )
+    wait_for(browser, lambda d: "Progress: 100%" in page_text(d), "progress is not 100%")
+    text = page_text(browser)
+    assert f"animate: {SAMPLES} done, 0 rejected, 0 skipped, 0 in flight of {SAMPLES}" in text
+    assert "samples/" in text and "1 actor" in text
+    shots(browser, "step-progress")
 
 
 def test_summary_artifact_renders_its_markdown(finished_run, browser, shots):

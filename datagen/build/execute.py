@@ -18,6 +18,7 @@ from collections import Counter
 from collections.abc import Callable, Iterator
 from dataclasses import dataclass, field
 from functools import cached_property
+from typing import Protocol
 
 from datagen.build.settings import BuildConfig
 from datagen.build.step_io import Saved, StepContext, WorkReads
@@ -130,11 +131,32 @@ class StepJob:
         return outcomes + [Done(sample_id, share) for sample_id in saved_ids]
 
 
-def run_step(step: Step, work: ShardWork, config: BuildConfig, runner: StageRunner) -> StepReport:
-    """Run `step` over the samples of `work` that are still pending for it."""
+class ProgressSink(Protocol):
+    """What a step tells the build's live progress (run/progress.py BuildProgress) as it goes."""
+
+    def began(self, step: str, shard: str, skipped: int) -> None: ...
+
+    def sent(self, step: str, shard: str, samples: int) -> None: ...
+
+    def finished(self, step: str, shard: str, done: int, rejected: int) -> None: ...
+
+    def dropped(self, step: str, shard: str, samples: int) -> None: ...
+
+
+def run_step(
+    step: Step,
+    work: ShardWork,
+    config: BuildConfig,
+    runner: StageRunner,
+    progress: ProgressSink | None = None,
+) -> StepReport:
+    """Run `step` over the samples of `work` that are still pending for it, telling
+    `progress` what it skips, sends and gets back."""
     cpu_began, began = time.thread_time(), time.perf_counter()
     pending = work.pending(step.name)
     report = StepReport(step.name, work.shard, skipped=len(work.samples()) - len(pending))
+    if progress:
+        progress.began(step.name, work.shard, report.skipped)
     registered = step is _registered(step.name)
     job = StepJob(
         step.name, str(work.root.parent), work.shard, config, None if registered else step
@@ -143,32 +165,45 @@ def run_step(step: Step, work: ShardWork, config: BuildConfig, runner: StageRunn
     sent = len(pickle.dumps(job)) if registered else 0  # a test's own step may hold lambdas
     outside = 0.0  # reads and saves where the stage ran
     waited = 0.0  # blocked on the runner: the stage computing, reading and saving elsewhere
+    unanswered = 0  # samples sent and not answered yet
 
     def batches() -> Iterator[list[PlannedSample]]:
-        nonlocal sent
+        nonlocal sent, unanswered
         size = step.batch_size(config)
         for start in range(0, len(pending), size):
             batch = pending[start : start + size]
             sent += len(pickle.dumps(batch))
+            unanswered += len(batch)
+            if progress:
+                progress.sent(step.name, work.shard, len(batch))
             yield batch
 
     received = 0
     outcomes_of = iter(runner.run(job, batches()))
-    while True:
-        asked = time.perf_counter()
-        outcomes = next(outcomes_of, None)
-        waited += time.perf_counter() - asked
-        if outcomes is None:
-            break
-        received += len(pickle.dumps(outcomes))
-        for outcome in outcomes:
-            if isinstance(outcome, Reject):
-                work.add_reject(outcome)
-                reasons[outcome.reason] += 1
-                report.rejected += 1
-            else:
-                outside += outcome.outside_s
-                report.done += 1
+    try:
+        while True:
+            asked = time.perf_counter()
+            outcomes = next(outcomes_of, None)
+            waited += time.perf_counter() - asked
+            if outcomes is None:
+                break
+            received += len(pickle.dumps(outcomes))
+            rejected = 0
+            for outcome in outcomes:
+                if isinstance(outcome, Reject):
+                    work.add_reject(outcome)
+                    reasons[outcome.reason] += 1
+                    rejected += 1
+                else:
+                    outside += outcome.outside_s
+            report.rejected += rejected
+            report.done += len(outcomes) - rejected
+            unanswered -= len(outcomes)
+            if progress:
+                progress.finished(step.name, work.shard, len(outcomes) - rejected, rejected)
+    finally:
+        if progress:  # what a failing step sent and never got back is not in flight any more
+            progress.dropped(step.name, work.shard, unanswered)
     report.reasons = dict(reasons)
     driver_s = time.perf_counter() - began - waited
     report.overhead_s = round(driver_s + outside, 6)

@@ -59,7 +59,11 @@ def _build_command(split: str, config: Path | None, use_ray: bool, **settings) -
         # Checked here too, so bad settings fail at once, before a temporary Prefect server
         # starts (the flow checks them again: deployments do not come through here).
         build_config(split, given, config)
-        summary = load_flow(split)(**_flow_values(parameters), use_ray=use_ray)
+        flow = load_flow(split)
+        from datagen.run.progress import terminal_view
+
+        with terminal_view():  # live bars per step when stderr is a terminal
+            summary = flow(**_flow_values(parameters), use_ray=use_ray)
     except (BuildConfigError, ApiKeyUnavailableError) as error:
         fail(str(error))
     say(
