@@ -100,3 +100,45 @@ def test_a_node_lost_mid_build_loses_and_duplicates_nothing(two_nodes, tmp_path)
     assert report.ok, report.problems
     assert report.committed + report.rejected == report.planned == 6
     assert validate_dataset(config.dataset_dir).ok
+
+
+@pytest.fixture
+def one_node_then_two():
+    """A head node of 1 logical GPU; the test adds a second node while the pools run."""
+    import ray
+    from ray.cluster_utils import Cluster
+
+    shutdown_ray()
+    cluster = Cluster(initialize_head=True, head_node_args={**NODE, "object_store_memory": 2**28})
+    cluster.wait_for_nodes()
+    ray.init(address=cluster.address, log_to_driver=False)
+    yield cluster
+    ray.shutdown()
+    cluster.shutdown()
+
+
+def test_the_pools_grow_onto_a_node_that_joins(one_node_then_two, tmp_path, monkeypatch):
+    from datagen.run import resize
+    from datagen.run.executors import stage_runners
+    from datagen.run.local import build_in_process
+    from datagen.tools.audit import audit_build
+    from datagen.tools.validate import validate_dataset
+
+    monkeypatch.setattr(resize, "RESIZE_INTERVAL_S", 1.0)  # 10 s in a build
+    cluster = one_node_then_two
+    config = build_config(tmp_path, clips=4)
+    with stage_runners(config, use_ray=True) as runners:
+        animate = runners["animate"]
+        assert animate.size == 1  # one GPU: one animate actor
+        cluster.add_node(**NODE, object_store_memory=2**28)
+        cluster.wait_for_nodes()
+        deadline = time.monotonic() + 240
+        while time.monotonic() < deadline and len(animate.actors) < 2:
+            time.sleep(0.5)
+        assert len(animate.actors) == 2, f"animate did not grow: {animate.layout()}"
+        assert len(set(animate.nodes())) == 2  # the new actor is on the new node's GPU
+        assert animate.added == 1
+        build_in_process(config, runners)
+    report = audit_build(config)
+    assert report.ok and report.committed == 4, report.problems
+    assert validate_dataset(config.dataset_dir).ok

@@ -58,6 +58,8 @@ def test_build_ct_on_ray_then_rerun_adds_nothing(prefect_env, sources, tmp_path_
         assert "0 in flight of 4" in progress.description and "1 actor" in progress.description
     shards = artifacts["ct-build-progress"]
     assert shards.data == 100.0 and shards.description.startswith("shards written of 2: 2;")
+    # the pools at the end (one CPU-only actor per step here: nothing to resize)
+    assert summary["pools"]["animate"] == {"actors": 1, "added": 0, "retired": 0, "replaced": 0}
     # every model loaded exactly once for the whole run, in its Ray actor
     assert summary["model_loads"] == {
         s: 1 for s in ("control", "describe", "stylize", "animate", "caption", "score")

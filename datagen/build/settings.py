@@ -275,6 +275,12 @@ class BuildConfig:
         "Shards between plan and write at once (default: enough to give every actor of the "
         "largest pool work twice over; 2 in process, where it bounds memory).",
     )
+    pool_sizes: str | None = setting(
+        None,
+        "Least and most actors of a step's pool, resized between them during the run as the "
+        "cluster and the measured throughput change: 'animate=4:64,caption=1:8' ('score=2': "
+        "exactly 2; default: from the cluster and the steps' costs, at least 1).",
+    )
     gpu_memory_gb: Annotated[float, Field(gt=0)] | None = setting(
         None,
         "GB of memory of one GPU, for steps that share GPUs when there are fewer GPUs than "
@@ -292,6 +298,10 @@ class BuildConfig:
         if self.require_vlm_pass and not self.vlm_judge:
             problems.append("require_vlm_pass needs vlm_judge")
         problems += self._backend_problems()
+        try:
+            self.pool_bounds()
+        except ValueError as error:
+            problems.append(str(error))
         if self.profile in PROFILES:
             settings = self.clip_settings()
             if (settings.num_frames - 1) % 4:
@@ -310,6 +320,32 @@ class BuildConfig:
         problems += _check_writable(Path(self.out))
         if problems:
             raise BuildConfigError("invalid build parameters: " + "; ".join(problems))
+
+    def pool_bounds(self) -> dict[str, tuple[int, int | None]]:
+        """`pool_sizes` as step -> (least, most) actors; a ValueError naming what is wrong."""
+        from datagen.build.steps import steps_for
+
+        names = [s.name for s in steps_for(self)]
+        bounds: dict[str, tuple[int, int | None]] = {}
+        for part in filter(None, (p.strip() for p in (self.pool_sizes or "").split(","))):
+            name, _, sizes = part.partition("=")
+            least, colon, most = sizes.partition(":")
+            try:
+                least_n = int(least)
+                most_n = (int(most) if most else None) if colon else least_n
+            except ValueError:
+                raise ValueError(
+                    f"pool_sizes: {part!r} is not STEP=LEAST:MOST, STEP=LEAST: or STEP=N"
+                ) from None
+            if name.strip() not in names:
+                raise ValueError(
+                    f"pool_sizes: no step {name.strip()!r} in this build (its steps: "
+                    f"{', '.join(names)})"
+                )
+            if least_n < 1 or (most_n is not None and most_n < least_n):
+                raise ValueError(f"pool_sizes: {part!r} needs 1 <= LEAST <= MOST")
+            bounds[name.strip()] = (least_n, most_n)
+        return bounds
 
     def _stage_problems(self) -> list[str]:
         """The stages' own checks of the settings they take (ranges, multiples, choices), so
@@ -430,7 +466,13 @@ class BuildConfig:
 
 # BuildConfig fields that do not change a build's output, left out of its work_root key.
 WORK_KEY_EXCLUDED = frozenset(
-    {"vlm_api_key_block", "stylize_api_key_block", "gpu_memory_gb", "shards_in_flight"}
+    {
+        "vlm_api_key_block",
+        "stylize_api_key_block",
+        "gpu_memory_gb",
+        "shards_in_flight",
+        "pool_sizes",
+    }
 )
 # Fields that were in the key once and no longer are: hashed at the default they had then, so
 # the work folders of builds started by earlier releases keep their keys (the shard window was

@@ -13,19 +13,32 @@ from datagen.build.stage_configs import stage_factories
 from datagen.run.costs import step_cost
 from datagen.run.local import ComputeThreadRunner, LocalRunner
 from datagen.run.placement import Node, PoolPlan, StepDemand, plan_pools
+from datagen.run.resize import Bounds, PoolResizer
 
 DEFAULT_GPU_MEMORY_GB = 80.0  # an H100 (80 GB); an H200 has 141
 
 
-def pool_plans(config: BuildConfig, factories: dict, nodes: list[Node]) -> dict[str, PoolPlan]:
-    """Each step's actor count and per-actor request on `nodes` (run/placement.py)."""
+def step_demands(config: BuildConfig, factories: dict) -> list[StepDemand]:
+    """What each step asks of the cluster: its request, the cost table's seconds per sample
+    and GPU memory, and its most actors (the `pool_sizes` setting)."""
+    bounds = config.pool_bounds()
     demands = []
     for name, factory in factories.items():
         cost = step_cost(config.profile, name)
+        most = bounds.get(name, (1, None))[1]
         demands.append(
-            StepDemand(name, factory().resources, cost.seconds_per_sample, cost.gpu_memory_gb)
+            StepDemand(name, factory().resources, cost.seconds_per_sample, cost.gpu_memory_gb, most)
         )
-    return plan_pools(demands, nodes, config.gpu_memory_gb or DEFAULT_GPU_MEMORY_GB)
+    return demands
+
+
+def pool_plans(config: BuildConfig, factories: dict, nodes: list[Node]) -> dict[str, PoolPlan]:
+    """Each step's actor count and per-actor request on `nodes` (run/placement.py)."""
+    return plan_pools(step_demands(config, factories), nodes, gpu_memory(config))
+
+
+def gpu_memory(config: BuildConfig) -> float:
+    return config.gpu_memory_gb or DEFAULT_GPU_MEMORY_GB
 
 
 def shards_in_flight(config: BuildConfig, runners: dict) -> int:
@@ -63,8 +76,8 @@ def prefect_api_url() -> str:
 
 @contextlib.contextmanager
 def stage_runners(config: BuildConfig, use_ray: bool):
-    """Start one runner per step (Ray actor pools sized by run/placement.py, or in-process
-    stages) and stop them.
+    """Start one runner per step (Ray actor pools sized by run/placement.py and resized
+    during the run by run/resize.py, or in-process stages) and stop them.
 
     A stage whose API key is in a Prefect Secret block reads the block in its actor, when it
     loads: its actors get PREFECT_API_URL, the API this flow uses (nothing secret: Prefect
@@ -74,6 +87,7 @@ def stage_runners(config: BuildConfig, use_ray: bool):
     blocks = config.key_blocks()
     runners: dict[str, Any] = {}
     compute = None
+    resizer = None
     started_ray = False
     try:
         if use_ray:
@@ -102,6 +116,10 @@ def stage_runners(config: BuildConfig, use_ray: bool):
                     env=prefect_env if name in blocks else None,
                 )
             runners = {name: runners[name] for name in factories}  # in step order again
+            bounds = {name: Bounds(*b) for name, b in config.pool_bounds().items()}
+            resizer = PoolResizer(
+                runners, step_demands(config, factories), ray_nodes, gpu_memory(config), bounds
+            ).start()
         else:
             compute = concurrent.futures.ThreadPoolExecutor(
                 max_workers=1, thread_name_prefix="datagen-compute"
@@ -110,6 +128,8 @@ def stage_runners(config: BuildConfig, use_ray: bool):
                 runners[name] = ComputeThreadRunner(LocalRunner(factory()), compute)
         yield runners
     finally:
+        if resizer is not None:
+            resizer.stop()
         if compute is not None:
             compute.shutdown(wait=True)  # no batch runs on while its stage tears down
         for runner in runners.values():

@@ -220,10 +220,9 @@ class StagePool:
             raise ValueError(f"pool size must be >= 1, got {size}")
         if nodes and len(nodes) != size:
             raise ValueError(f"{len(nodes)} nodes given for {size} actors")
-        self.size = size
-        self.max_in_flight = max_in_flight or 2 * size
-        if self.max_in_flight < 1:
+        if max_in_flight is not None and max_in_flight < 1:
             raise ValueError("max_in_flight must be >= 1")
+        self._max_in_flight = max_in_flight
         if call_timeout_s is not None and call_timeout_s <= 0:
             raise ValueError("call_timeout_s must be > 0")
         self.call_timeout_s = call_timeout_s
@@ -237,12 +236,15 @@ class StagePool:
         self._factory, self._torch_threads = factory, torch_threads
         self.resources = resources
         self.replacements = 0  # actors started in place of dead or hung ones
+        self.added = 0  # actors started as the pool was resized (run/resize.py)
+        self.retired = 0  # idle actors stopped as the pool was resized
         self.resent = 0  # straggler calls sent to a second actor
         self._processes: list[tuple[str, int]] = []  # every actor process ever started
         self._lock = threading.RLock()
         self._queue: deque[_Task] = deque()
         self._calls: dict = {}  # ObjectRef -> _Call
         self._durations: deque[float] = deque(maxlen=101)
+        self._per_sample: deque[float] = deque(maxlen=101)  # seconds of a call per sample
         self._deaths: Counter[str] = Counter()
         self._starting: list = []  # replacement actors not answering yet
         self._lost_at: float | None = None  # since when the pool has had no live actor
@@ -251,12 +253,23 @@ class StagePool:
         # Ray runs an ObjectRef's done-callbacks on its own thread, where calling Ray again
         # can deadlock: the callbacks only post here, and the pool's thread does the rest.
         self._events: queue.Queue = queue.Queue()
-        self._node_of: dict = {}  # actor -> the node it was pinned to
+        self._node_of: dict = {}  # actor -> the node it was pinned to (None: Ray's choice)
         self.actors = [self._start(node) for node in (nodes or [None] * size)]
         self._await_start(size, resources)
         self._idle: deque = deque(self.actors)
         self._thread = threading.Thread(target=self._loop, name=f"{self.name}-pool", daemon=True)
         self._thread.start()
+
+    @property
+    def size(self) -> int:
+        """The pool's actors: live ones and those starting (replacements, or added)."""
+        return len(self.actors) + len(self._starting)
+
+    @property
+    def max_in_flight(self) -> int:
+        """Batches one caller may have given and not had answered: twice the pool's actors
+        (as the pool is resized) unless set."""
+        return self._max_in_flight or max(2 * self.size, 1)
 
     def _start(self, node: str | None, soft: bool = False):
         """A new actor, on `node` if given (`soft`: there if that node is still alive)."""
@@ -372,7 +385,9 @@ class StagePool:
             if not task.resolved:
                 self._fail(task, error)
         else:
-            self._durations.append(time.monotonic() - call.began)
+            took = time.monotonic() - call.began
+            self._durations.append(took)
+            self._per_sample.append(took / max(len(task.batch), 1))
             self._idle.append(call.actor)
             if not task.resolved:  # else a re-sent straggler's twin answered first
                 self._resolve(task, [value])
@@ -432,12 +447,57 @@ class StagePool:
             ray.kill(actor)
         if not self.actors and self._lost_at is None:
             self._lost_at = time.monotonic()
-        replacement = self._start(self._node_of.get(actor), soft=True)
-        self._starting.append(replacement)
+        self._launch(self._node_of.get(actor), soft=True)
         self.replacements += 1
-        replacement.ready.remote().future().add_done_callback(
-            lambda future: self._events.put((self._started, replacement, future))
+
+    def _launch(self, node: str | None, soft: bool) -> None:
+        """Start an actor in the background; it joins the pool once its model is loaded."""
+        actor = self._start(node, soft=soft)
+        self._starting.append(actor)
+        actor.ready.remote().future().add_done_callback(
+            lambda future: self._events.put((self._started, actor, future))
         )
+
+    # --- resizing (run/resize.py decides; the pool carries it out)
+
+    def grow(self, node: str | None = None) -> None:
+        """One more actor, on `node` (pinned, as the placement laid it out) or where Ray
+        chooses; it takes work once its model is loaded."""
+        with self._lock:
+            if self._closed.is_set():
+                return
+            self._launch(node, soft=False)
+            self.added += 1
+
+    def retire(self, node: str | None = None) -> bool:
+        """Stop one idle actor (on `node`, if given); False when none is idle there (a busy
+        actor is never stopped: the resizer tries again later)."""
+        import ray
+
+        with self._lock:
+            idle = [a for a in self._idle if node is None or self._node_of.get(a) == node]
+            if not idle or len(self.actors) <= 1:
+                return False
+            actor = idle[-1]  # the longest idle is first; keep it, it is the warmest
+            self._idle.remove(actor)
+            self.actors.remove(actor)
+            self.retired += 1
+        with contextlib.suppress(Exception):
+            ray.kill(actor)
+        return True
+
+    def layout(self) -> list[str | None]:
+        """The node each actor (live or starting) was placed on; None where Ray chose."""
+        with self._lock:
+            return [self._node_of.get(actor) for actor in [*self.actors, *self._starting]]
+
+    def seconds_per_sample(self) -> float | None:
+        """The median time an actor spends per sample, over the pool's recent calls (inputs
+        read, stage run, outputs saved); None before STRAGGLER_HISTORY calls have finished."""
+        with self._lock:
+            if len(self._per_sample) < STRAGGLER_HISTORY:
+                return None
+            return statistics.median(self._per_sample)
 
     def _started(self, actor, future: concurrent.futures.Future) -> None:
         with self._lock:

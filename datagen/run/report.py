@@ -18,6 +18,13 @@ def runner_stats(runner) -> dict:
         "load_s": sum(s.load_seconds for s in stats),
         "compute_s": sum(s.compute_seconds for s in stats),
         "samples": sum(s.samples for s in stats),
+        # the pool at the end and what changed it (a Ray pool; in process: one, never resized)
+        "pool": {
+            "actors": getattr(runner, "size", 1),
+            "added": getattr(runner, "added", 0),
+            "retired": getattr(runner, "retired", 0),
+            "replaced": getattr(runner, "replacements", 0),
+        },
     }
 
 
@@ -58,6 +65,7 @@ def summarize_build(
         "rejects_by_reason": dict(reasons.most_common()),
         "csd_scores": scores,
         "model_loads": {k: v["loads"] for k, v in stats.items()},
+        "pools": {k: v["pool"] for k, v in stats.items()},
         "stage_compute_s": {k: round(v["compute_s"], 3) for k, v in stats.items()},
         "wall_s": round(wall, 2),
         # time the steps spent outside stage calls (reading inputs, saving outputs, dispatch)
