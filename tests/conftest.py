@@ -50,3 +50,15 @@ def dataset(tmp_path, rows) -> Path:
     """The 40 rows in shards of at most 12 rows, row groups of 5, and 3 rejects."""
     limits = ShardLimits(max_rows=12, row_group_rows=5)
     return write_dataset(tmp_path / "in" / "ct", rows, limits=limits, rejects=3)
+
+
+@pytest.fixture(scope="module")
+def ray_local():
+    """A local Ray of 2 CPUs whose workers import the tests folder's modules (test stages)."""
+    from datagen.run.ray import init_ray, shutdown_ray
+
+    # start a Ray of our own with that path, whatever an earlier test left running
+    shutdown_ray()
+    init_ray(num_cpus=2, runtime_env={"env_vars": {"PYTHONPATH": str(Path(__file__).parent)}})
+    yield
+    shutdown_ray()

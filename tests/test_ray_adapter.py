@@ -4,7 +4,6 @@ as they complete, in-flight is bounded."""
 from __future__ import annotations
 
 import time
-from pathlib import Path
 
 import pytest
 
@@ -29,16 +28,6 @@ class SquareStage(Stage):
         return [
             self.reject(str(x), "negative", f"{x} < 0") if x < 0 else self.model(x) for x in batch
         ]
-
-
-@pytest.fixture(scope="module")
-def ray_local():
-    # workers import this module (for SquareStage) from the tests folder, so start a Ray of
-    # our own with that path, whatever an earlier test left running
-    shutdown_ray()
-    init_ray(num_cpus=2, runtime_env={"env_vars": {"PYTHONPATH": str(Path(__file__).parent)}})
-    yield
-    shutdown_ray()
 
 
 def test_ray_options_translate_declared_resources():

@@ -4,7 +4,6 @@ for, within each step's bounds, and a real Ray pool grown and shrunk by the resi
 from __future__ import annotations
 
 import time
-from pathlib import Path
 
 import pytest
 
@@ -61,16 +60,6 @@ def test_pool_sizes_setting_names_the_steps_and_their_bounds(tmp_path):
         BuildConfig(**base, pool_sizes="animate=many")
     # bounds change how a build runs, not what it makes: the work folder is the same
     assert config.work_root == BuildConfig(**base).work_root
-
-
-@pytest.fixture(scope="module")
-def ray_local():
-    from datagen.run.ray import init_ray, shutdown_ray
-
-    shutdown_ray()
-    init_ray(num_cpus=2, runtime_env={"env_vars": {"PYTHONPATH": str(Path(__file__).parent)}})
-    yield
-    shutdown_ray()
 
 
 def test_the_resizer_grows_and_shrinks_a_real_pool_when_two_plans_agree(ray_local):
