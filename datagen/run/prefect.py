@@ -117,8 +117,8 @@ def shard_task(
             steps.append(asdict(report))
             logger.info(
                 "%s %s: %d done, %d rejected, %d already done or rejected earlier",
-                shard,
                 step_name,
+                shard,
                 report.done,
                 report.rejected,
                 report.skipped,
@@ -126,7 +126,7 @@ def shard_task(
         written = run_write(work, config, provenance, accounted=_ACCOUNTED[run_key])
         progress.shard_written(shard, written.written, written.rejected + written.filtered)
         logger.info(
-            "%s write: %d rows, %d rejected, %d filtered out",
+            "write %s: %d rows, %d rejected, %d filtered out",
             shard,
             written.written,
             written.rejected,
