@@ -31,6 +31,10 @@ def test_every_bad_input_is_a_specific_reject_and_the_good_ones_become_pairs(tmp
         csd_threshold=-1.0,
         shard_size=4,
         tiny_dir=str(tmp_path / "tiny"),
+        # the good sources are colour ramps (tests/helpers.py moving_frames) with no motion to
+        # measure: this test is about bad files, tests/test_clean.py about still clips
+        min_motion=0.0,
+        scene_threshold=0.0,
     )
     runners = {name: LocalRunner(factory()) for name, factory in stage_factories(config).items()}
     build_in_process(config, runners)

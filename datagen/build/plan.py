@@ -4,6 +4,7 @@ as shard manifests (the `plan.sample` every later step reads)."""
 from __future__ import annotations
 
 import threading
+from collections.abc import Container
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -21,10 +22,12 @@ class PlanResult:
     skipped_committed: int
     skipped_rejected: int
     plan_rejects: int
+    to_build: int = 0  # the samples in the shards: what the steps have to do
 
 
-def plan_of(config: BuildConfig) -> Plan:
-    """Every sample this build's settings make, and the sources it rejects."""
+def plan_of(config: BuildConfig, known: Container[str] = ()) -> Plan:
+    """Every sample this build's settings make, and the sources and clips it rejects (`known`:
+    sample ids accounted for already, whose clips are not checked again)."""
     return plan_samples(
         config.source,
         load_style_library(),
@@ -33,16 +36,18 @@ def plan_of(config: BuildConfig) -> Plan:
         clips_per_video=config.clips_per_video,
         limit=config.limit,
         seed=config.seed,
+        clean=config.clean_settings(),
+        known=known,
     )
 
 
 def plan_build(config: BuildConfig, accounted: Accounted | None = None) -> PlanResult:
     """Plan the run, drop samples already committed or rejected, write shard manifests."""
-    plan = plan_of(config)
     accounted = accounted or Accounted(config.dataset_dir)
     committed, rejected = accounted.committed, accounted.rejected
+    plan = plan_of(config, known=_Either(committed, rejected))
     todo = [s for s in plan.samples if s.sample_id not in committed | rejected]
-    new_rejects = [(uri, r) for uri, r in plan.rejects if r.sample_id not in rejected]
+    new_rejects = [(uri, r) for uri, r in plan.rejects if r.sample_id not in committed | rejected]
     if new_rejects:
         with RejectsWriter(config.dataset_dir) as writer:
             for uri, reject in new_rejects:
@@ -55,11 +60,25 @@ def plan_build(config: BuildConfig, accounted: Accounted | None = None) -> PlanR
         shards.append(name)
     return PlanResult(
         shards=shards,
-        planned=len(plan.samples),
+        # a clip rejected by its checks is a planned sample (a rerun plans it as one, and
+        # finds it rejected: stages/plan.py `known`)
+        planned=len(plan.samples) + plan.clips_rejected,
         skipped_committed=sum(s.sample_id in committed for s in plan.samples),
         skipped_rejected=sum(s.sample_id in rejected for s in plan.samples),
         plan_rejects=len(new_rejects),
+        to_build=len(todo),
     )
+
+
+@dataclass(frozen=True)
+class _Either:
+    """In either of two sets, without building their union."""
+
+    first: set
+    second: set
+
+    def __contains__(self, item) -> bool:
+        return item in self.first or item in self.second
 
 
 class Accounted:

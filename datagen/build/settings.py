@@ -267,6 +267,18 @@ class BuildConfig:
         "(default: the key in $DATAGEN_IMAGE_EDIT_API_KEY, if any).",
         splits=("sft",),
     )
+    scene_threshold: Annotated[float, Field(ge=0)] | None = setting(
+        None,
+        "Shot-cut threshold of PySceneDetect's AdaptiveDetector over each clip's frames "
+        "(a frame's change over its neighbours' mean), during planning: a clip is moved past "
+        "a cut or rejected (scene_cut); 0 turns it off (default 3.0, PySceneDetect's).",
+    )
+    min_motion: Annotated[float, Field(ge=0)] | None = setting(
+        None,
+        "Least motion of a clip, as mean optical flow in % of the frame width per frame; "
+        "slower clips are rejected during planning (too_static); 0 turns it off "
+        "(default 0.1).",
+    )
     stage_timeout_s: Annotated[float, Field(gt=0)] = setting(  # inf: no limit
         3600.0, "A stage call slower than this is hung: its samples are rejected."
     )
@@ -320,6 +332,19 @@ class BuildConfig:
         problems += _check_writable(Path(self.out))
         if problems:
             raise BuildConfigError("invalid build parameters: " + "; ".join(problems))
+
+    def clean_settings(self):
+        """The clip checks of planning (stages/clean.py), their defaults where unset."""
+        from datagen.stages.clean import (
+            DEFAULT_MIN_MOTION,
+            DEFAULT_SCENE_THRESHOLD,
+            CleanSettings,
+        )
+
+        return CleanSettings(
+            DEFAULT_SCENE_THRESHOLD if self.scene_threshold is None else self.scene_threshold,
+            DEFAULT_MIN_MOTION if self.min_motion is None else self.min_motion,
+        )
 
     def pool_bounds(self) -> dict[str, tuple[int, int | None]]:
         """`pool_sizes` as step -> (least, most) actors; a ValueError naming what is wrong."""

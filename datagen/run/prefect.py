@@ -63,7 +63,7 @@ def plan_task(config: BuildConfig, run_key: str) -> dict:
     result = plan_build(config, _ACCOUNTED[run_key])
     get_run_logger().info(
         "planned %d samples in %d shards (%d already committed, %d already rejected, "
-        "%d sources rejected)",
+        "%d sources or clips rejected)",
         result.planned,
         len(result.shards),
         result.skipped_committed,
@@ -184,7 +184,7 @@ def _run_planned_build(config: BuildConfig, use_ray: bool, run_key: str, started
     with runners_context as runners:
         startup = time.perf_counter() - started  # plan + actors started + models loaded
         progress = BuildProgress(
-            stage_names, plan["planned"], len(shards), lambda name: pool_size(runners.get(name))
+            stage_names, plan["to_build"], len(shards), lambda name: pool_size(runners.get(name))
         )
         _RUNNERS[run_key], _PROGRESS[run_key], _FINISHED[run_key] = runners, progress, {}
         publisher = ProgressPublisher(progress, build_views(config.split))

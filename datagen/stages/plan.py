@@ -11,8 +11,8 @@ from __future__ import annotations
 import hashlib
 import math
 import os
-from collections.abc import Iterator
-from dataclasses import dataclass, field
+from collections.abc import Container, Iterator
+from dataclasses import dataclass, field, replace
 from pathlib import Path
 from urllib.parse import quote
 
@@ -25,6 +25,7 @@ from datagen.data.video import (
     clip_frame_indices,
     probe,
 )
+from datagen.stages.clean import CleanSettings, clean_start
 
 VIDEO_SUFFIXES = {".mp4", ".mov", ".mkv", ".webm", ".avi", ".m4v", ".mpg", ".mpeg", ".ts"}
 
@@ -63,6 +64,7 @@ class PlannedSample:
 class Plan:
     samples: list[PlannedSample] = field(default_factory=list)
     rejects: list[tuple[str, Reject]] = field(default_factory=list)  # (source_uri, reject)
+    clips_rejected: int = 0  # of the rejects, clips (scene_cut, too_static): planned samples
 
 
 def source_uri(path: Path) -> str:
@@ -127,8 +129,13 @@ def plan_samples(
     clips_per_video: int = 1,
     limit: int | None = None,
     seed: int = 0,
+    clean: CleanSettings | None = None,
+    known: Container[str] = (),
 ) -> Plan:
-    """Plan every sample of a run (see module docstring)."""
+    """Plan every sample of a run (see module docstring). With `clean`, each clip is checked
+    for shot cuts and motion first (stages/clean.py): moved inside one shot, or rejected
+    (`scene_cut`, `too_static`, under the clip's own sample id). Clips in `known` (committed
+    or rejected already) are planned as they are, not decoded again."""
     settings = settings or ClipSettings()
     if clips_per_video < 1:
         raise ValueError(f"clips_per_video must be >= 1, got {clips_per_video}")
@@ -156,37 +163,65 @@ def plan_samples(
             reject_id = "src-" + _digest("source", uri).hex()[:16]
             plan.rejects.append((uri, Reject(reject_id, "plan", error.reason, error.detail)))
             continue
+        planned_starts = set(starts)
         for start in starts:
             if limit is not None and len(plan.samples) >= limit:
                 break
-            style = assign_style(styles, uri, start, seed)
-            key = (
-                uri,
-                os.path.getsize(path),
-                start,
-                settings.num_frames,
-                settings.fps,
-                settings.height,
-                settings.width,
-                style.id,
-                seed,
-            )
-            digest = _digest(*key)
-            plan.samples.append(
-                PlannedSample(
-                    sample_id=digest.hex()[:24],
-                    source_uri=uri,
-                    source_path=os.fsdecode(os.path.abspath(path)),
-                    clip_start=start,
-                    num_frames=settings.num_frames,
-                    fps=settings.fps,
-                    height=settings.height,
-                    width=settings.width,
-                    style_id=style.id,
-                    seed=int.from_bytes(digest[12:20], "big") & (2**63 - 1),
+            sample = _sample(path, uri, start, settings, styles, seed)
+            if clean is None or not clean.enabled or sample.sample_id in known:
+                plan.samples.append(sample)
+                continue
+            try:
+                clean_at = clean_start(path, info, settings, start, clean)
+            except VideoError as error:  # it probed, but its frames do not decode
+                clean_at = Reject("", "plan", error.reason, error.detail)
+            if clean_at != start and clean_at in planned_starts:
+                clean_at = Reject(
+                    "",
+                    "plan",
+                    "scene_cut",
+                    f"a shot cut inside the clip at {start}; past "
+                    f"it, at source frame {clean_at}, another clip of this video is planned",
                 )
-            )
+            if isinstance(clean_at, Reject):
+                plan.rejects.append((uri, replace(clean_at, sample_id=sample.sample_id)))
+                plan.clips_rejected += 1
+                continue
+            planned_starts.add(clean_at)
+            moved = _sample(path, uri, clean_at, settings, styles, seed)
+            plan.samples.append(moved if clean_at != start else sample)
     return plan
+
+
+def _sample(
+    path: Path, uri: str, start: int, settings: ClipSettings, styles: list, seed: int
+) -> PlannedSample:
+    """The sample of the clip at `start`; its id and seed follow from what makes it."""
+    style = assign_style(styles, uri, start, seed)
+    key = (
+        uri,
+        os.path.getsize(path),
+        start,
+        settings.num_frames,
+        settings.fps,
+        settings.height,
+        settings.width,
+        style.id,
+        seed,
+    )
+    digest = _digest(*key)
+    return PlannedSample(
+        sample_id=digest.hex()[:24],
+        source_uri=uri,
+        source_path=os.fsdecode(os.path.abspath(path)),
+        clip_start=start,
+        num_frames=settings.num_frames,
+        fps=settings.fps,
+        height=settings.height,
+        width=settings.width,
+        style_id=style.id,
+        seed=int.from_bytes(digest[12:20], "big") & (2**63 - 1),
+    )
 
 
 def shards_of(samples: list[PlannedSample], shard_size: int) -> Iterator[list[PlannedSample]]:
