@@ -307,6 +307,10 @@ class BuildConfig:
             problems += split_problems(self.split, asdict(self))
         if not Path(self.source).exists():
             problems.append(f"source {self.source} does not exist")
+        else:
+            from datagen.data.manifest import is_manifest, manifest_problems
+
+            problems += manifest_problems(self.source) if is_manifest(self.source) else []
         if self.require_vlm_pass and not self.vlm_judge:
             problems.append("require_vlm_pass needs vlm_judge")
         problems += self._backend_problems()

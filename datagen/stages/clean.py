@@ -63,9 +63,12 @@ def analysis_frames(frames: np.ndarray, height: int, width: int) -> np.ndarray:
     return np.stack([cv2.cvtColor(frame, cv2.COLOR_RGB2BGR) for frame in cropped])
 
 
-def clean_start(path, info, settings, start: int, clean: CleanSettings) -> int | Reject:
-    """The start of a clean clip at `start`, or just past a shot cut inside it; a Reject
-    (sample id left empty: the planner names the clip) where there is none."""
+def clean_start(
+    path, info, settings, start: int, clean: CleanSettings, end: int | None = None
+) -> int | Reject:
+    """The start of a clean clip at `start`, or just past a shot cut inside it (ending before
+    source frame `end`, the span's end, if given); a Reject (sample id left empty: the planner
+    names the clip) where there is none."""
     from datagen.data.video import TooFewFramesError, clip_frame_indices, decode_frames
 
     for attempt in range(2):
@@ -88,7 +91,9 @@ def clean_start(path, info, settings, start: int, clean: CleanSettings) -> int |
             )
         start = indices[cut]
         try:  # the clip moved to the first frame of the next shot, if it still fits
-            clip_frame_indices(info.num_frames, info.fps, settings.spec(start))
+            moved = clip_frame_indices(info.num_frames, info.fps, settings.spec(start))
+            if end is not None and moved[-1] >= end:
+                raise TooFewFramesError(path, "past the span's end")
         except TooFewFramesError:
             return _reject(
                 "scene_cut",

@@ -17,9 +17,11 @@ from pathlib import Path
 from urllib.parse import quote
 
 from datagen.core.stage import Reject
+from datagen.data.manifest import ManifestEntry, ManifestError, is_manifest, read_manifest
 from datagen.data.styles import Style, StyleLibrary
 from datagen.data.video import (
     ClipSpec,
+    TooFewFramesError,
     UnsupportedDimensionsError,
     VideoError,
     clip_frame_indices,
@@ -58,6 +60,8 @@ class PlannedSample:
     width: int
     style_id: str
     seed: int
+    source_id: str = ""  # the collection's id of the source (a manifest's), or its file name
+    licence: str | None = None  # the source's licence, where the manifest gives one
 
 
 @dataclass
@@ -143,9 +147,19 @@ def plan_samples(
         raise ValueError(f"limit must be >= 0, got {limit}")
     styles = library.select(style_ids)
     plan = Plan()
-    for path in list_sources(source):
+    seen: set[str] = set()  # sample ids planned: two manifest rows may name the same clip
+    for path, entry in sources_of(source):
         if limit is not None and len(plan.samples) >= limit:
             break
+        if isinstance(entry, ManifestError):
+            reject_id = "src-" + _digest("manifest", source, entry.row).hex()[:16]
+            plan.rejects.append(
+                (
+                    f"{source}#{entry.row}",
+                    Reject(reject_id, "plan", "bad_manifest_row", entry.detail),
+                )
+            )
+            continue
         uri = source_uri(path)
         try:
             info = probe(path)
@@ -156,23 +170,39 @@ def plan_samples(
                     f"source {info.width}x{info.height} would need {scale:.2f}x "
                     f"upscaling to cover {settings.width}x{settings.height}",
                 )
-            starts = clip_starts(info.num_frames, info.fps, settings, clips_per_video)
+            first, end = span_frames(entry, info)
+            starts = [
+                first + s for s in clip_starts(end - first, info.fps, settings, clips_per_video)
+            ]
             if not starts:
-                clip_frame_indices(info.num_frames, info.fps, settings.spec())  # raises
+                try:
+                    clip_frame_indices(end - first, info.fps, settings.spec())  # raises
+                except TooFewFramesError as error:
+                    if entry is None or (entry.start_s is None and entry.end_s is None):
+                        raise TooFewFramesError(path, error.detail) from None
+                    raise TooFewFramesError(
+                        path,
+                        f"the manifest's span holds source frames {first}..{end - 1}: "
+                        + error.detail.split(" but ")[0],
+                    ) from None
         except VideoError as error:
-            reject_id = "src-" + _digest("source", uri).hex()[:16]
+            where = () if entry is None else (entry.row, entry.start_s, entry.end_s)
+            reject_id = "src-" + _digest("source", uri, *where).hex()[:16]
             plan.rejects.append((uri, Reject(reject_id, "plan", error.reason, error.detail)))
             continue
         planned_starts = set(starts)
         for start in starts:
             if limit is not None and len(plan.samples) >= limit:
                 break
-            sample = _sample(path, uri, start, settings, styles, seed)
+            sample = _sample(path, uri, start, settings, styles, seed, entry)
+            if sample.sample_id in seen:
+                continue
             if clean is None or not clean.enabled or sample.sample_id in known:
+                seen.add(sample.sample_id)
                 plan.samples.append(sample)
                 continue
             try:
-                clean_at = clean_start(path, info, settings, start, clean)
+                clean_at = clean_start(path, info, settings, start, clean, end)
             except VideoError as error:  # it probed, but its frames do not decode
                 clean_at = Reject("", "plan", error.reason, error.detail)
             if clean_at != start and clean_at in planned_starts:
@@ -188,13 +218,48 @@ def plan_samples(
                 plan.clips_rejected += 1
                 continue
             planned_starts.add(clean_at)
-            moved = _sample(path, uri, clean_at, settings, styles, seed)
-            plan.samples.append(moved if clean_at != start else sample)
+            kept = (
+                sample
+                if clean_at == start
+                else _sample(path, uri, clean_at, settings, styles, seed, entry)
+            )
+            if kept.sample_id not in seen:
+                seen.add(kept.sample_id)
+                plan.samples.append(kept)
     return plan
 
 
+def sources_of(source) -> Iterator[tuple[Path | None, ManifestEntry | ManifestError | None]]:
+    """(path, its manifest entry) per source: a manifest's rows (or their errors), else the
+    files of a folder, a video or a .txt list (no entry)."""
+    if is_manifest(source):
+        for entry in read_manifest(source):
+            yield (entry.path if isinstance(entry, ManifestEntry) else None), entry
+        return
+    for path in list_sources(source):
+        yield path, None
+
+
+def span_frames(entry: ManifestEntry | None, info) -> tuple[int, int]:
+    """The source frames [first, end) that clips must stay inside: the manifest row's span in
+    seconds, within the video; the whole video without one."""
+    if entry is None:
+        return 0, info.num_frames
+    first = 0 if entry.start_s is None else math.ceil(entry.start_s * info.fps - 1e-6)
+    end = info.num_frames
+    if entry.end_s is not None:
+        end = min(end, math.floor(entry.end_s * info.fps + 1e-6))
+    return min(first, info.num_frames), max(end, 0)
+
+
 def _sample(
-    path: Path, uri: str, start: int, settings: ClipSettings, styles: list, seed: int
+    path: Path,
+    uri: str,
+    start: int,
+    settings: ClipSettings,
+    styles: list,
+    seed: int,
+    entry: ManifestEntry | None = None,
 ) -> PlannedSample:
     """The sample of the clip at `start`; its id and seed follow from what makes it."""
     style = assign_style(styles, uri, start, seed)
@@ -221,6 +286,8 @@ def _sample(
         width=settings.width,
         style_id=style.id,
         seed=int.from_bytes(digest[12:20], "big") & (2**63 - 1),
+        source_id=path.name if entry is None else entry.source_id,
+        licence=None if entry is None else entry.licence,
     )
 
 
