@@ -143,3 +143,17 @@ def test_a_build_from_a_manifest_writes_the_clips_of_its_spans(videos, tmp_path)
         (videos / f"{HUBBLE}.mp4").as_uri()
     }
     assert validate_dataset(config.dataset_dir).ok
+
+
+def test_identical_sources_are_planned_once(videos, tmp_path):
+    import shutil
+
+    folder = tmp_path / "copies"
+    folder.mkdir()
+    for name in ("a.mp4", "b.mp4"):  # the same bytes under two names
+        shutil.copy(videos / f"{HUBBLE}.mp4", folder / name)
+    result = plan(folder, clips_per_video=1)
+    assert [s.source_id for s in result.samples] == ["a.mp4"]
+    [(uri, reject)] = result.rejects
+    assert uri.endswith("b.mp4") and reject.reason == "duplicate_source"
+    assert reject.detail.endswith("a.mp4") and "the same content (sha256 " in reject.detail

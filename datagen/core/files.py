@@ -76,3 +76,14 @@ def file_lock(path: str | os.PathLike, *, blocking: bool = True) -> Iterator[IO[
             yield handle
         finally:
             fcntl.flock(handle, fcntl.LOCK_UN)
+
+
+def content_digest(path: str | os.PathLike, chunk_bytes: int = 1 << 20) -> str:
+    """The SHA-256 of a file's bytes, read in chunks (memory stays at one chunk)."""
+    import hashlib
+
+    digest = hashlib.sha256()
+    with open(path, "rb") as file:
+        while chunk := file.read(chunk_bytes):
+            digest.update(chunk)
+    return digest.hexdigest()

@@ -16,6 +16,7 @@ from dataclasses import dataclass, field, replace
 from pathlib import Path
 from urllib.parse import quote
 
+from datagen.core.files import content_digest
 from datagen.core.stage import Reject
 from datagen.data.manifest import ManifestEntry, ManifestError, is_manifest, read_manifest
 from datagen.data.styles import Style, StyleLibrary
@@ -148,6 +149,7 @@ def plan_samples(
     styles = library.select(style_ids)
     plan = Plan()
     seen: set[str] = set()  # sample ids planned: two manifest rows may name the same clip
+    contents: dict[str, str] = {}  # content digest -> the first source with those bytes
     for path, entry in sources_of(source):
         if limit is not None and len(plan.samples) >= limit:
             break
@@ -161,6 +163,16 @@ def plan_samples(
             )
             continue
         uri = source_uri(path)
+        try:
+            digest = content_digest(path)
+        except OSError:
+            digest = None  # probe names what is wrong with it
+        if digest is not None and contents.setdefault(digest, uri) != uri:
+            # the same bytes under another name (or row): planned once, from the first
+            reject_id = "src-" + _digest("source", uri, *_span_key(entry)).hex()[:16]
+            detail = f"the same content (sha256 {digest[:16]}...) as {contents[digest]}"
+            plan.rejects.append((uri, Reject(reject_id, "plan", "duplicate_source", detail)))
+            continue
         try:
             info = probe(path)
             scale = max(settings.width / info.width, settings.height / info.height)
@@ -186,8 +198,7 @@ def plan_samples(
                         + error.detail.split(" but ")[0],
                     ) from None
         except VideoError as error:
-            where = () if entry is None else (entry.row, entry.start_s, entry.end_s)
-            reject_id = "src-" + _digest("source", uri, *where).hex()[:16]
+            reject_id = "src-" + _digest("source", uri, *_span_key(entry)).hex()[:16]
             plan.rejects.append((uri, Reject(reject_id, "plan", error.reason, error.detail)))
             continue
         planned_starts = set(starts)
@@ -238,6 +249,11 @@ def sources_of(source) -> Iterator[tuple[Path | None, ManifestEntry | ManifestEr
         return
     for path in list_sources(source):
         yield path, None
+
+
+def _span_key(entry: ManifestEntry | None) -> tuple:
+    """What tells a manifest row's source reject from another row's of the same file."""
+    return () if entry is None else (entry.row, entry.start_s, entry.end_s)
 
 
 def span_frames(entry: ManifestEntry | None, info) -> tuple[int, int]:
