@@ -65,7 +65,7 @@ def test_filter_refusals_exit_non_zero_with_one_clear_line(dataset, tmp_path, ca
 def test_inspect_shows_counts_scores_and_schema(dataset):
     result = invoke("inspect", dataset)
     assert result.exit_code == 0, result.output
-    assert "ct dataset, schema ct_row v1" in result.output
+    assert "ct dataset, schema ct_row v2" in result.output
     assert "40 rows (40 unique sample_ids) in 4 shards" in result.output
     assert "csd_score" in result.output and "rejects: 3" in result.output
     summary = json.loads(invoke("inspect", "--json", dataset).output)

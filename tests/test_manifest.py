@@ -143,6 +143,10 @@ def test_a_build_from_a_manifest_writes_the_clips_of_its_spans(videos, tmp_path)
         (videos / f"{HUBBLE}.mp4").as_uri()
     }
     assert validate_dataset(config.dataset_dir).ok
+    shards = [pq.read_table(p, columns=["source_id", "licence"]) for p in
+              sorted(config.dataset_dir.glob("part-*.parquet"))]  # fmt: skip
+    carried = pa.concat_tables(shards).to_pylist()
+    assert carried == [{"source_id": "one.jsonl#0", "licence": "CC-BY-4.0"}] * 2  # schema v2
 
 
 def test_identical_sources_are_planned_once(videos, tmp_path):

@@ -64,7 +64,10 @@ def test_ct_row_has_every_field_the_product_needs_with_descriptions():
     assert ct.field("style_refs").type == pa.list_(pa.binary())
     descriptions = schema.describe(ct)
     assert all(descriptions[name] for name in ct.names), "every field is documented"
-    assert schema.schema_identity(ct) == ("ct_row", 1)
+    assert schema.schema_identity(ct) == ("ct_row", 2)
+    assert not ct.field("source_id").nullable and ct.field("licence").nullable  # new in v2
+    v1 = table_schema("ct_row", 1)
+    assert set(ct.names) - set(v1.names) == {"source_id", "licence"}
 
 
 def test_sft_row_is_ct_plus_review_fields():
@@ -142,3 +145,29 @@ def test_conform_names_nulls_in_required_fields_and_missing_columns():
             ),
             table_schema("ct_row"),
         )
+
+
+def test_a_v1_dataset_stays_readable_stays_v1_when_appended_to_and_filters_to_v1(tmp_path):
+    from datagen.data.dataset import Dataset, ShardWriter
+    from datagen.data.keep import FilterCriteria
+    from datagen.tools.filter import filter_dataset
+    from datagen.tools.inspect import summarize
+
+    old = [make_row(i) for i in range(4)]
+    for row in old:
+        del row["source_id"], row["licence"]
+    with ShardWriter(tmp_path / "v1", "ct", version=1) as writer:
+        writer.write(old[:2])
+    with ShardWriter(tmp_path / "v1", "ct") as writer:  # a resumed build of today's datagen
+        writer.write([make_row(i) for i in range(2, 4)])  # v2 rows: written without the new
+    dataset = Dataset(tmp_path / "v1")
+    assert dataset.row_version == 1 and "source_id" not in dataset.schema.names
+    assert len(dataset.index()) == 4
+    assert summarize(tmp_path / "v1")["schema"] == {"ct_row v1": 2}
+    filter_dataset(tmp_path / "v1", tmp_path / "kept", FilterCriteria(csd=-1.0))
+    assert Dataset(tmp_path / "kept").row_version == 1
+
+    with ShardWriter(tmp_path / "v2", "ct") as writer:
+        writer.write([make_row(7)])
+    assert Dataset(tmp_path / "v2").row_version == 2
+    assert summarize(tmp_path / "v2")["schema"] == {"ct_row v2": 1}

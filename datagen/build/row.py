@@ -18,7 +18,7 @@ from datagen.data.dataset import now_utc
 from datagen.data.schema import SFT_REVIEW_PENDING
 from datagen.data.styles import Style
 from datagen.data.video import encode_mp4
-from datagen.stages.plan import PlannedSample
+from datagen.stages.plan import PlannedSample, file_source_id
 
 # What a row is made of, beyond what the judge step adds when it runs.
 ROW_READS = (
@@ -92,6 +92,9 @@ def assemble_row(
         "sample_id": sample.sample_id,
         "split": config.split,
         "source_uri": sample.source_uri,
+        # a shard planned before samples had ids (an interrupted older build): the file name
+        "source_id": sample.source_id or file_source_id(sample.source_path),
+        "licence": sample.licence,
         "clip_start": sample.clip_start,
         "num_frames": int(raw.shape[0]),
         "fps": float(sample.fps),

@@ -36,7 +36,9 @@ INDEX = "index"
 REJECTS = "rejects"
 ROW_SCHEMAS = {"ct": CT_ROW, "sft": SFT_ROW}
 
-CURRENT_VERSION = {CT_ROW: 1, SFT_ROW: 1, INDEX: 1, REJECTS: 1}
+# Rows v2 add source_id and licence (a manifest's). A dataset keeps the version it was begun
+# with (data/dataset/writer.py): v1 datasets stay readable, and a resumed v1 build stays v1.
+CURRENT_VERSION = {CT_ROW: 2, SFT_ROW: 2, INDEX: 1, REJECTS: 1}
 
 
 class SchemaError(ValueError):
@@ -142,11 +144,11 @@ def table_schema(name: str, version: int | None = None) -> pa.Schema:
     )
 
 
-def row_schema(split: str) -> pa.Schema:
-    """The row schema of a tier: 'ct' or 'sft'."""
+def row_schema(split: str, version: int | None = None) -> pa.Schema:
+    """The row schema of a tier: 'ct' or 'sft' (at `version`; default the current one)."""
     if split not in ROW_SCHEMAS:
         raise SchemaError(f"unknown split {split!r}; expected one of {sorted(ROW_SCHEMAS)}")
-    return table_schema(ROW_SCHEMAS[split])
+    return table_schema(ROW_SCHEMAS[split], version)
 
 
 def describe(schema: pa.Schema) -> dict[str, str]:

@@ -66,7 +66,7 @@ def finalize_review(
     staging = out_dir.parent / f".{out_dir.name}.datagen-tmp-{os.getpid()}"
     shutil.rmtree(staging, ignore_errors=True)
     try:
-        writer = ShardWriter(staging, "sft", limits=limits)
+        writer = ShardWriter(staging, "sft", limits=limits, version=dataset.row_version)
         # one run id for the shards and the rejects, as `datagen filter` does
         rejects = RejectsWriter(staging, run_id=writer.run_id, flush_every=1 << 30)
         with writer, rejects:

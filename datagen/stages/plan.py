@@ -251,6 +251,13 @@ def sources_of(source) -> Iterator[tuple[Path | None, ManifestEntry | ManifestEr
         yield path, None
 
 
+def file_source_id(path: str | os.PathLike) -> str:
+    """The source id of a file of a folder source: its name, as text (bytes that are not
+    UTF-8 shown as U+FFFD; the sample's source_uri keeps the exact name)."""
+    name = Path(path).name
+    return name.encode("utf-8", "surrogateescape").decode("utf-8", "replace")
+
+
 def _span_key(entry: ManifestEntry | None) -> tuple:
     """What tells a manifest row's source reject from another row's of the same file."""
     return () if entry is None else (entry.row, entry.start_s, entry.end_s)
@@ -302,7 +309,7 @@ def _sample(
         width=settings.width,
         style_id=style.id,
         seed=int.from_bytes(digest[12:20], "big") & (2**63 - 1),
-        source_id=path.name if entry is None else entry.source_id,
+        source_id=file_source_id(path) if entry is None else entry.source_id,
         licence=None if entry is None else entry.licence,
     )
 

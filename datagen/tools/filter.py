@@ -159,11 +159,16 @@ def filter_dataset(
         if on_start:
             on_start(result.kept + (result.total - result.kept if write_dropped else 0))
         with contextlib.ExitStack() as stack:
-            writer = stack.enter_context(ShardWriter(staging, dataset.split, limits=limits))
+            version = dataset.row_version  # OUT keeps IN's row schema version
+            writer = stack.enter_context(
+                ShardWriter(staging, dataset.split, limits=limits, version=version)
+            )
             dropped = None
             if write_dropped:
                 dropped = stack.enter_context(
-                    ShardWriter(staging / DROPPED_DIR, dataset.split, limits=limits)
+                    ShardWriter(
+                        staging / DROPPED_DIR, dataset.split, limits=limits, version=version
+                    )
                 )
             rejects = stack.enter_context(
                 RejectsWriter(

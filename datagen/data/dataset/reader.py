@@ -15,7 +15,7 @@ from datagen.data.dataset.index import read_index
 from datagen.data.dataset.layout import PARQUET_SUFFIX, SHARD_PREFIX, DatasetError, list_shards
 from datagen.data.dataset.parquet import open_parquet
 from datagen.data.dataset.rejects import read_rejects
-from datagen.data.schema import ROW_SCHEMAS, check_schema, row_schema
+from datagen.data.schema import ROW_SCHEMAS, check_schema, row_schema, schema_identity
 
 
 class Dataset:
@@ -61,8 +61,15 @@ class Dataset:
         return self._split
 
     @property
+    def row_version(self) -> int:
+        """The row schema version of the dataset's shards (the first one's; a dataset keeps
+        the version it was begun with)."""
+        identity = schema_identity(self.open_shard(self.shards[0]).schema_arrow)
+        return identity[1]
+
+    @property
     def schema(self) -> pa.Schema:
-        return row_schema(self.split)
+        return row_schema(self.split, self.row_version)
 
     def index(self, columns: list[str] | None = None) -> pa.Table:
         return read_index(self.path, columns=columns)

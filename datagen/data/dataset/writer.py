@@ -25,6 +25,9 @@ from datagen.data.dataset.parquet import nullable_schema, parquet_options, row_s
 from datagen.data.dataset.reader import Dataset
 from datagen.data.schema import INDEX, conform, row_schema, table_schema
 
+# Row fields later schema versions added: left out of the rows of a dataset begun earlier.
+LATER_FIELDS = frozenset({"source_id", "licence"})  # v2
+
 
 @dataclass(frozen=True)
 class ShardLimits:
@@ -54,20 +57,25 @@ class ShardWriter:
         split: str,
         run_id: str | None = None,
         limits: ShardLimits | None = None,
+        version: int | None = None,
     ):
+        """`version`: the row schema version of a new dataset (default: the current one); a
+        dataset that has shards already keeps its own (rows given with fields of a later
+        version, like v2's source_id on a v1 dataset, are written without them)."""
         self.dataset_dir = Path(dataset_dir)
         self.split = split
-        self.schema = row_schema(split)
         self.run_id = run_id or new_run_id()
         self.limits = limits or ShardLimits()
         self.dataset_dir.mkdir(parents=True, exist_ok=True)
         existing = list_shards(self.dataset_dir)
         if existing:  # appending (a resumed run): the dataset must hold the same split
-            present = Dataset(self.dataset_dir).split
-            if present != split:
+            present = Dataset(self.dataset_dir)
+            if present.split != split:
                 raise DatasetError(
-                    f"{self.dataset_dir}: holds {present} rows; cannot add {split} rows"
+                    f"{self.dataset_dir}: holds {present.split} rows; cannot add {split} rows"
                 )
+            version = present.row_version
+        self.schema = row_schema(split, version)
         (self.dataset_dir / INDEX_DIR).mkdir(exist_ok=True)
         self._options = parquet_options(self.schema)
         self._shard_number = 0
@@ -95,6 +103,9 @@ class ShardWriter:
             table = pa.Table.from_batches([rows])
         else:
             table = rows
+        later = [n for n in table.column_names if n not in self.schema.names]
+        if later and all(n in LATER_FIELDS for n in later):  # a v2 row into a v1 dataset
+            table = table.drop_columns(later)
         table = conform(table, self.schema)
         if table.num_rows == 0:
             return
