@@ -161,3 +161,29 @@ def test_identical_sources_are_planned_once(videos, tmp_path):
     [(uri, reject)] = result.rejects
     assert uri.endswith("b.mp4") and reject.reason == "duplicate_source"
     assert reject.detail.endswith("a.mp4") and "the same content (sha256 " in reject.detail
+
+
+def test_source_digests_are_remembered_until_the_file_changes(videos, tmp_path, monkeypatch):
+    import os
+    import shutil
+
+    from datagen.core import files
+    from datagen.core.files import DigestCache
+
+    copy = tmp_path / "a.mp4"
+    shutil.copy(videos / f"{HUBBLE}.mp4", copy)
+    read = []
+    real = files.content_digest
+    monkeypatch.setattr(files, "content_digest", lambda path: read.append(path) or real(path))
+    first = DigestCache(tmp_path / "digests.jsonl")(copy)
+    assert first == real(copy) and len(read) == 1
+    assert DigestCache(tmp_path / "digests.jsonl")(copy) == first and len(read) == 1  # no read
+    with open(tmp_path / "digests.jsonl", "a") as out:
+        out.write('["cut sho')  # a line a crash cut short is ignored
+    copy.write_bytes(copy.read_bytes() + b"\0")
+    os.utime(copy, ns=(1, 1))
+    assert DigestCache(tmp_path / "digests.jsonl")(copy) != first and len(read) == 2
+    assert DigestCache(tmp_path / "digests.jsonl")(copy) != first and len(read) == 2  # kept
+    readonly = DigestCache(tmp_path / "other.jsonl", writable=False)
+    readonly(copy)
+    assert not (tmp_path / "other.jsonl").exists()

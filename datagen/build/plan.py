@@ -10,9 +10,12 @@ from pathlib import Path
 
 from datagen.build.settings import BuildConfig
 from datagen.build.workdir import ShardWork
+from datagen.core.files import DigestCache
 from datagen.data.dataset import RejectsWriter, list_shards, read_index, read_rejects
 from datagen.data.styles import load_style_library
 from datagen.stages.plan import Plan, plan_samples, shards_of
+
+DIGESTS_FILE = "source-digests.jsonl"  # (path, size, mtime) -> SHA-256, for every build here
 
 
 @dataclass
@@ -25,9 +28,11 @@ class PlanResult:
     to_build: int = 0  # the samples in the shards: what the steps have to do
 
 
-def plan_of(config: BuildConfig, known: Container[str] = ()) -> Plan:
+def plan_of(config: BuildConfig, known: Container[str] = (), writable: bool = True) -> Plan:
     """Every sample this build's settings make, and the sources and clips it rejects (`known`:
-    sample ids accounted for already, whose clips are not checked again)."""
+    sample ids accounted for already, whose clips are not checked again). Source digests are
+    remembered in the output's work folder (`writable`: this caller holds the dataset's
+    lock and may add to them)."""
     return plan_samples(
         config.source,
         load_style_library(),
@@ -38,6 +43,7 @@ def plan_of(config: BuildConfig, known: Container[str] = ()) -> Plan:
         seed=config.seed,
         clean=config.clean_settings(),
         known=known,
+        digest_of=DigestCache(Path(config.out) / "_work" / DIGESTS_FILE, writable=writable),
     )
 
 

@@ -87,3 +87,41 @@ def content_digest(path: str | os.PathLike, chunk_bytes: int = 1 << 20) -> str:
         while chunk := file.read(chunk_bytes):
             digest.update(chunk)
     return digest.hexdigest()
+
+
+class DigestCache:
+    """content_digest of files, remembered across runs by (path, size, mtime) in an
+    append-only JSON-lines file, so a rerun or an audit does not read every source again. A
+    line a crash cut short is ignored when the file is read; `writable=False` (a reader that
+    does not hold the dataset's lock, like audit) only reads it."""
+
+    def __init__(self, path: str | os.PathLike, writable: bool = True):
+        import json
+
+        self.path, self.writable = Path(path), writable
+        self._known: dict[tuple, str] = {}
+        self._torn = False  # the file ends in a line a crash cut short: start a new one
+        if self.path.exists():
+            text = self.path.read_text(encoding="utf-8", errors="replace")
+            self._torn = bool(text) and not text.endswith("\n")
+            for line in text.splitlines():
+                try:
+                    name, size, mtime_ns, digest = json.loads(line)
+                except (ValueError, TypeError):
+                    continue  # cut short by a crash
+                self._known[(name, size, mtime_ns)] = digest
+
+    def __call__(self, file: str | os.PathLike) -> str:
+        import json
+
+        stat = os.stat(file)
+        key = (os.fsencode(os.path.abspath(file)).hex(), stat.st_size, stat.st_mtime_ns)
+        if key in self._known:
+            return self._known[key]
+        digest = self._known[key] = content_digest(file)
+        if self.writable:
+            self.path.parent.mkdir(parents=True, exist_ok=True)
+            with open(self.path, "a", encoding="utf-8") as out:  # one short line per write
+                out.write(("\n" if self._torn else "") + json.dumps([*key, digest]) + "\n")
+            self._torn = False
+        return digest

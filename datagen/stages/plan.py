@@ -11,7 +11,7 @@ from __future__ import annotations
 import hashlib
 import math
 import os
-from collections.abc import Container, Iterator
+from collections.abc import Callable, Container, Iterator
 from dataclasses import dataclass, field, replace
 from pathlib import Path
 from urllib.parse import quote
@@ -136,6 +136,7 @@ def plan_samples(
     seed: int = 0,
     clean: CleanSettings | None = None,
     known: Container[str] = (),
+    digest_of: Callable[[Path], str] = content_digest,
 ) -> Plan:
     """Plan every sample of a run (see module docstring). With `clean`, each clip is checked
     for shot cuts and motion first (stages/clean.py): moved inside one shot, or rejected
@@ -164,7 +165,7 @@ def plan_samples(
             continue
         uri = source_uri(path)
         try:
-            digest = content_digest(path)
+            digest = digest_of(path)
         except OSError:
             digest = None  # probe names what is wrong with it
         if digest is not None and contents.setdefault(digest, uri) != uri:

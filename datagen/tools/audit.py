@@ -32,7 +32,7 @@ class AuditReport:
 def audit_build(config: BuildConfig, complete: bool = True) -> AuditReport:
     """Check the dataset of `config` against its plan. With `complete=False` (after a crash,
     before the rerun) only consistency is checked, not that every sample is accounted for."""
-    plan = plan_of(config)
+    plan = plan_of(config, writable=False)  # audit may run beside a build: it only reads
     planned = {s.sample_id for s in plan.samples} | {r.sample_id for _, r in plan.rejects}
     report = AuditReport(planned=len(planned))
     directory = config.dataset_dir
