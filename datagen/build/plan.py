@@ -51,9 +51,10 @@ def plan_build(config: BuildConfig, accounted: Accounted | None = None) -> PlanR
     """Plan the run, drop samples already committed or rejected, write shard manifests."""
     accounted = accounted or Accounted(config.dataset_dir)
     committed, rejected = accounted.committed, accounted.rejected
-    plan = plan_of(config, known=_Either(committed, rejected))
-    todo = [s for s in plan.samples if s.sample_id not in committed | rejected]
-    new_rejects = [(uri, r) for uri, r in plan.rejects if r.sample_id not in committed | rejected]
+    known = _Either(committed, rejected)  # not `committed | rejected` per sample: a copy each
+    plan = plan_of(config, known=known)
+    todo = [s for s in plan.samples if s.sample_id not in known]
+    new_rejects = [(uri, r) for uri, r in plan.rejects if r.sample_id not in known]
     if new_rejects:
         with RejectsWriter(config.dataset_dir) as writer:
             for uri, reject in new_rejects:

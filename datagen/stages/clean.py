@@ -92,9 +92,9 @@ def clean_start(
         start = indices[cut]
         try:  # the clip moved to the first frame of the next shot, if it still fits
             moved = clip_frame_indices(info.num_frames, info.fps, settings.spec(start))
-            if end is not None and moved[-1] >= end:
-                raise TooFewFramesError(path, "past the span's end")
         except TooFewFramesError:
+            moved = None
+        if moved is None or (end is not None and moved[-1] >= end):
             return _reject(
                 "scene_cut",
                 f"a shot cut at source frame {start} inside the clip ({span}) and the next "

@@ -150,6 +150,12 @@ def plan_samples(
     styles = library.select(style_ids)
     plan = Plan()
     seen: set[str] = set()  # sample ids planned: two manifest rows may name the same clip
+
+    def add(sample: PlannedSample) -> None:
+        if sample.sample_id not in seen:
+            seen.add(sample.sample_id)
+            plan.samples.append(sample)
+
     contents: dict[str, str] = {}  # content digest -> the first source with those bytes
     for path, entry in sources_of(source):
         if limit is not None and len(plan.samples) >= limit:
@@ -191,8 +197,8 @@ def plan_samples(
                 try:
                     clip_frame_indices(end - first, info.fps, settings.spec())  # raises
                 except TooFewFramesError as error:
-                    if entry is None or (entry.start_s is None and entry.end_s is None):
-                        raise TooFewFramesError(path, error.detail) from None
+                    if (first, end) == (0, info.num_frames):  # the whole video
+                        raise
                     raise TooFewFramesError(
                         path,
                         f"the manifest's span holds source frames {first}..{end - 1}: "
@@ -210,8 +216,7 @@ def plan_samples(
             if sample.sample_id in seen:
                 continue
             if clean is None or not clean.enabled or sample.sample_id in known:
-                seen.add(sample.sample_id)
-                plan.samples.append(sample)
+                add(sample)
                 continue
             try:
                 clean_at = clean_start(path, info, settings, start, clean, end)
@@ -230,14 +235,11 @@ def plan_samples(
                 plan.clips_rejected += 1
                 continue
             planned_starts.add(clean_at)
-            kept = (
+            add(
                 sample
                 if clean_at == start
                 else _sample(path, uri, clean_at, settings, styles, seed, entry)
             )
-            if kept.sample_id not in seen:
-                seen.add(kept.sample_id)
-                plan.samples.append(kept)
     return plan
 
 

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import functools
 import os
 from collections.abc import Iterator
 from pathlib import Path
@@ -60,10 +61,10 @@ class Dataset:
             self.open_shard(self.shards[0])
         return self._split
 
-    @property
+    @functools.cached_property
     def row_version(self) -> int:
         """The row schema version of the dataset's shards (the first one's; a dataset keeps
-        the version it was begun with)."""
+        the version it was begun with), read once."""
         identity = schema_identity(self.open_shard(self.shards[0]).schema_arrow)
         return identity[1]
 
